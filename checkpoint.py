@@ -1,0 +1,125 @@
+"""Self-describing checkpoints: one dict per file, written atomically, read without unpickling code.
+
+A checkpoint holds the config, both networks' architecture arguments and weights, both optimizers,
+the step and every RNG state, so a Generator can be rebuilt from the file alone and a run resumed
+exactly. `latest.pt` is a hard link to the newest complete checkpoint, swapped in by rename.
+"""
+import os
+import pickle
+import re
+import shutil
+import zipfile
+
+import torch
+
+from sagan_models import Generator
+
+CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def ckpt_name(step):
+    return f"ckpt_{step:07d}.pt"
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform can open a directory
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, fsync, then rename over `path`.
+
+    A crash or a full disk leaves either the old file or the new one, never half of one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def point_latest(run_dir, path):
+    """Make run_dir/latest.pt the file at `path` (hard link, else copy), replaced atomically."""
+    latest = os.path.join(run_dir, "latest.pt")
+    tmp = os.path.join(run_dir, f".latest.pt.tmp{os.getpid()}")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(path, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, latest)
+    _fsync_dir(run_dir)
+    return latest
+
+
+def save_checkpoint(state, run_dir, keep_last=0):
+    """Write run_dir/ckpt_<step>.pt and point latest.pt at it; keep only the newest `keep_last`
+    step files when keep_last > 0 (latest.pt is a link of its own, so it survives)."""
+    path = os.path.join(run_dir, ckpt_name(state["step"]))
+    atomic_save(state, path)
+    point_latest(run_dir, path)
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            os.remove(old)
+    return path
+
+
+def list_checkpoints(run_dir):
+    """Step checkpoints in run_dir, oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = sorted((int(m.group(1)), f) for f in os.listdir(run_dir) if (m := CKPT_RE.match(f)))
+    return [os.path.join(run_dir, f) for _, f in found]
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict with weights_only=True; every failure is a one-line CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
+            f"containers, which could run code when unpickled ({str(e).splitlines()[0][:120]}); "
+            f"load only checkpoints written by this project") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or "G" not in ckpt or "model_args" not in ckpt:
+        raise CheckpointError(f"{path!r} is not a checkpoint of this project (no 'G' / 'model_args'); "
+                              f"seed-repo '*_G.pth' files hold only a state dict of another architecture")
+    return ckpt
+
+
+def load_generator(path, device="cpu"):
+    """Rebuild the Generator of a checkpoint from the file alone, weights loaded, in eval mode."""
+    ckpt = load_checkpoint(path)
+    G = Generator(**ckpt["model_args"]["G"])
+    try:
+        G.load_state_dict(ckpt["G"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path!r}: weights do not fit the stored architecture "
+                              f"({str(e).splitlines()[0][:160]})") from None
+    return G.to(device).eval()

@@ -1,0 +1,195 @@
+"""Train SAGAN: parse arguments, check them, build the data and the trainer, run.
+
+    python main.py --batch_size 64 --imsize 64 --dataset celeb --adv_loss hinge --version sagan_celeb
+    python main.py --preset quick      # built-in data, CPU-sized, a few minutes
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from checkpoint import CheckpointError
+from data_loader import make_dataset
+from sagan_models import check_attn, check_imsize, default_attn
+from trainer import Trainer
+from utils import pick_device
+
+PRESETS = {
+    # the quick start: built-in faces on a laptop CPU, leaves a checkpoint, samples and metrics
+    "quick": dict(dataset="synthetic", imsize=32, batch_size=32, g_conv_dim=32, d_conv_dim=32,
+                  total_step=400, log_step=20, sample_step=100, model_save_step=200,
+                  version="quick", num_workers=0),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line naming the problem, not a usage dump."""
+        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
+
+
+def attn_list(text):
+    """'16,32' -> [16, 32]; 'none' -> []; 'auto' -> None (the seed's placement for the image size)."""
+    text = text.strip().lower()
+    if text == "auto":
+        return None
+    if text in ("none", ""):
+        return []
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of resolutions, "
+                                         f"'none' or 'auto'") from None
+
+
+def build_parser():
+    p = Parser(prog="main.py", description="Self-Attention GAN (SAGAN) training.")
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), help="a named set of defaults; explicit flags still win")
+    # model
+    a("--adv_loss", default="hinge", choices=["hinge", "wgan-gp"])
+    a("--imsize", type=int, default=64, help="image size: a power of two from 32 to 256")
+    a("--z_dim", type=int, default=128)
+    a("--g_conv_dim", type=int, default=64)
+    a("--d_conv_dim", type=int, default=64)
+    a("--g_attn", type=attn_list, default=None, metavar="RES[,RES]",
+      help="G feature-map resolutions with self-attention, or 'none' (default: 16,32 at 64px)")
+    a("--d_attn", type=attn_list, default=None, metavar="RES[,RES]",
+      help="D feature-map resolutions with self-attention, or 'none' (default: 8,4)")
+    a("--lambda_gp", type=float, default=10.0, help="gradient-penalty weight for wgan-gp")
+    # training
+    a("--total_step", type=int, default=1_000_000, help="generator updates to train for")
+    a("--batch_size", type=int, default=64)
+    a("--num_workers", type=int, default=2)
+    a("--g_lr", type=float, default=1e-4)
+    a("--d_lr", type=float, default=4e-4)
+    a("--beta1", type=float, default=0.0)
+    a("--beta2", type=float, default=0.9)
+    a("--seed", type=int, default=0)
+    a("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    # resuming
+    a("--resume", action="store_true", help="continue from <model_save_path>/<version>/latest.pt")
+    a("--pretrained_model", type=int, default=None, metavar="STEP",
+      help="continue from the checkpoint saved at STEP")
+    # data
+    a("--dataset", default="celeb", choices=["celeb", "synthetic"])
+    a("--image_path", default="dataset/celebA", help="folder of images, any nesting")
+    a("--center_crop", type=int, default=160,
+      help="side of the centre square cut before resizing (CelebA: 160); 0 = largest square")
+    a("--synthetic_size", type=int, default=20_000, help="images in the built-in dataset")
+    # outputs
+    a("--version", default="sagan_1", help="run name: folder under the save paths, visdom env")
+    a("--model_save_path", default="models")
+    a("--sample_path", default="samples")
+    a("--log_step", type=int, default=10)
+    a("--sample_step", type=int, default=100)
+    a("--model_save_step", type=int, default=1000)
+    a("--keep_last", type=int, default=0, help="keep only the newest K step checkpoints (0: all)")
+    a("--n_samples", type=int, default=64, help="fixed-z samples drawn at every --sample_step")
+    # dashboard
+    a("--no_visdom", action="store_true", help="don't talk to a visdom server")
+    a("--visdom_server", default="http://localhost")
+    a("--visdom_port", type=int, default=8097)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    known, _ = p.parse_known_args(argv)
+    if known.preset:
+        p.set_defaults(**PRESETS[known.preset])
+    config = p.parse_args(argv)
+    try:
+        check_config(config)
+    except ValueError as e:
+        p.error(str(e))
+    return config
+
+
+def check_config(c):
+    """Every value checked before anything heavy starts; raises ValueError naming the flag."""
+    for name in ("total_step", "batch_size", "log_step", "sample_step", "model_save_step", "z_dim",
+                 "g_conv_dim", "d_conv_dim", "synthetic_size", "n_samples", "visdom_port"):
+        if getattr(c, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(c, name)}")
+    for name in ("num_workers", "keep_last", "center_crop", "lambda_gp", "beta1", "beta2"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"--{name} must not be negative, got {getattr(c, name)}")
+    for name in ("g_lr", "d_lr"):
+        if not getattr(c, name) > 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(c, name)}")
+    if c.beta1 >= 1 or c.beta2 >= 1:
+        raise ValueError(f"--beta1/--beta2 must be below 1, got {c.beta1}, {c.beta2}")
+    if c.pretrained_model is not None and c.pretrained_model <= 0:
+        raise ValueError(f"--pretrained_model is a saved step (positive), got {c.pretrained_model}")
+    check_imsize(c.imsize)
+    c.g_attn = sorted(default_attn(c.imsize, "g") if c.g_attn is None else c.g_attn)
+    c.d_attn = sorted(default_attn(c.imsize, "d") if c.d_attn is None else c.d_attn, reverse=True)
+    check_attn(c.imsize, c.g_attn, "g")
+    check_attn(c.imsize, c.d_attn, "d")
+    if c.dataset == "synthetic" and c.synthetic_size < c.batch_size:
+        raise ValueError(f"--synthetic_size {c.synthetic_size} is smaller than --batch_size {c.batch_size}")
+    if not c.version or os.sep in c.version or c.version in (".", ".."):
+        raise ValueError(f"--version {c.version!r} must be a plain folder name")
+    pick_device(c.device)
+
+
+def check_writable(folder, flag):
+    """Create `folder` and prove a file can be written there now, not after the first hour."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_probe{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {os.path.dirname(folder)!r} is not writable ({e.strerror}); "
+                         f"pass a folder you can write to") from None
+
+
+def make_dashboard(config, trainer):
+    try:
+        from dashboard import Dashboard, visdom
+    except ImportError:
+        visdom = None
+    if visdom is None:
+        print("visdom is not installed: no live dashboard (pip install visdom, or pass --no_visdom)")
+        return None
+    series = ["d_loss_real", "d_loss_fake", "d_loss", "g_loss"] + (["d_gp"] if config.adv_loss == "wgan-gp" else [])
+    layers = [f"gamma/G{r}" for r in config.g_attn] + [f"gamma/D{r}" for r in config.d_attn]
+    lines = {"loss": (f"{config.version}: losses", series)}
+    if layers:
+        lines["gamma"] = (f"{config.version}: attention gamma", layers)
+    dash = Dashboard(config.visdom_server, config.visdom_port, config.version, lines)
+    if dash.wait_connected(timeout=3.0):
+        print(f"visdom: {config.visdom_server}:{config.visdom_port}, env '{config.version}'")
+    trainer.attach_dashboard(dash)
+    return dash
+
+
+def main(argv=None):
+    config = parse_args(argv)
+    device = pick_device(config.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "no CUDA GPU in use"
+    print(f"device: {device} ({where})")
+    try:
+        check_writable(os.path.join(config.model_save_path, config.version), "--model_save_path")
+        check_writable(os.path.join(config.sample_path, config.version), "--sample_path")
+        dataset = make_dataset(config)
+        trainer = Trainer(config, dataset)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        sys.exit(f"main.py: error: {e}")
+    print(f"data: {config.dataset}, {len(dataset)} images at {config.imsize}px | "
+          f"run folder: {trainer.run_dir} | attention G {config.g_attn or 'none'}, D {config.d_attn or 'none'}")
+    dashboard = None if config.no_visdom else make_dashboard(config, trainer)
+    try:
+        last = trainer.train()
+    finally:
+        if dashboard:
+            dashboard.close()
+    print(f"done: step {trainer.step}, checkpoint {last}, samples in {trainer.sample_dir}")
+
+
+if __name__ == "__main__":
+    main()

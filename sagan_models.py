@@ -1,0 +1,187 @@
+"""SAGAN generator, discriminator and self-attention layer (Zhang et al. 2018, arXiv 1805.08318).
+
+Pure modules: architecture arguments in, tensors out. No I/O, no config object, no device moves.
+
+Both networks are DCGAN-style ladders between 4x4 and the image size; a `Self_Attn` layer can sit
+after any block, chosen by the resolution of the feature map it sees (`attn_res`). At 64px with the
+defaults this is exactly the seed's architecture (G attends at 16x16 and 32x32, D at 8x8 and 4x4).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectral import SN
+
+MIN_IMSIZE, MAX_IMSIZE = 32, 256
+MAX_CHANNEL_MULT = 16  # caps the widest block at 16 * conv_dim, so 256px stays trainable
+
+
+def check_imsize(imsize):
+    if imsize < MIN_IMSIZE or imsize > MAX_IMSIZE or imsize & (imsize - 1):
+        raise ValueError(f"image size must be a power of two from {MIN_IMSIZE} to {MAX_IMSIZE}, "
+                         f"got {imsize}")
+
+
+def g_resolutions(imsize):
+    """Feature-map sizes after each generator block: 4, 8, ..., imsize/2 (the last conv makes the image)."""
+    check_imsize(imsize)
+    return [2 ** k for k in range(2, int(math.log2(imsize)))]
+
+
+def d_resolutions(imsize):
+    """Feature-map sizes after each discriminator block: imsize/2, ..., 8, 4."""
+    return g_resolutions(imsize)[::-1]
+
+
+def default_attn(imsize, net):
+    """The seed's placement at 64px (G: 16, 32; D: 8, 4), kept where it fits at other sizes."""
+    valid = g_resolutions(imsize)
+    if net == "g":
+        return [r for r in valid if r <= 32][-2:]
+    return [8, 4]
+
+
+def check_attn(imsize, attn_res, net):
+    valid = g_resolutions(imsize)
+    bad = [r for r in attn_res if r not in valid]
+    if bad or len(set(attn_res)) != len(attn_res):
+        name = "--g_attn" if net == "g" else "--d_attn"
+        raise ValueError(f"{name} {','.join(map(str, attn_res))} is not possible at image size {imsize}: "
+                         f"valid resolutions are {','.join(map(str, valid))} (each at most once) or 'none'")
+
+
+def _channels(conv_dim, imsize, res):
+    # the seed's widths: conv_dim at imsize/2, doubling for every halving of the feature map
+    return conv_dim * min(imsize // (2 * res), MAX_CHANNEL_MULT)
+
+
+class Self_Attn(nn.Module):
+    """Self-attention layer of SAGAN, the seed's formula.
+
+    x (B, C, H, W) -> (out, attention):
+        q = query_conv(x), k = key_conv(x): (B, C//8, N), v = value_conv(x): (B, C, N), N = H*W
+        attention = softmax over keys of q^T k (no scaling): (B, N, N), every row sums to 1
+        out = gamma * (v @ attention^T) + x, gamma initialised to 0
+
+    Rows are queries, columns keys, both flattened row-major: attention[b, i*W + j, k*W + l] is the
+    weight query position (i, j) puts on key position (k, l).
+
+    Training calls it with return_attn=False: the output then comes from a fused kernel and the N x N
+    map is never materialised. `queries` (a LongTensor of flattened query indices, shape (Q,)) asks
+    for just those rows, (B, Q, N), next to the fused output.
+    """
+
+    def __init__(self, in_dim):
+        super().__init__()
+        self.in_dim = in_dim
+        self.query_conv = SN(nn.Conv2d(in_dim, max(in_dim // 8, 1), 1))
+        self.key_conv = SN(nn.Conv2d(in_dim, max(in_dim // 8, 1), 1))
+        self.value_conv = SN(nn.Conv2d(in_dim, in_dim, 1))
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, return_attn=True, queries=None):
+        B, C, H, W = x.shape
+        q = self.query_conv(x).flatten(2)  # (B, C', N)
+        k = self.key_conv(x).flatten(2)    # (B, C', N)
+        v = self.value_conv(x).flatten(2)  # (B, C, N)
+
+        if return_attn and queries is None:
+            attention = torch.bmm(q.transpose(1, 2), k).softmax(dim=-1)  # (B, N, N), rows = queries
+            out = torch.bmm(v, attention.transpose(1, 2))                 # (B, C, N)
+        else:
+            # SDPA wants (B, heads, N, dim); one head, scale=1.0 keeps the seed's unscaled energy
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2).unsqueeze(1), k.transpose(1, 2).unsqueeze(1),
+                v.transpose(1, 2).unsqueeze(1), scale=1.0)                # (B, 1, N, C)
+            out = out.squeeze(1).transpose(1, 2)                          # (B, C, N)
+            attention = None
+            if return_attn:
+                rows = q[:, :, queries.to(q.device)].transpose(1, 2)      # (B, Q, C')
+                attention = torch.bmm(rows, k).softmax(dim=-1)            # (B, Q, N)
+
+        out = self.gamma * out.reshape(B, C, H, W) + x
+        return out, attention
+
+
+class Generator(nn.Module):
+    """z (B, z_dim) -> image (B, 3, imsize, imsize) in [-1, 1].
+
+    Transposed convs with BatchNorm + ReLU from 4x4 up, a tanh output; Self_Attn after the blocks
+    whose output resolution is in `attn_res`.
+    """
+
+    def __init__(self, image_size=64, z_dim=128, conv_dim=64, attn_res=(16, 32)):
+        super().__init__()
+        self.image_size, self.z_dim, self.conv_dim = image_size, z_dim, conv_dim
+        self.attn_res = sorted(attn_res)
+        check_attn(image_size, self.attn_res, "g")
+        self.resolutions = g_resolutions(image_size)
+        ch = [_channels(conv_dim, image_size, r) for r in self.resolutions]
+
+        blocks = [nn.Sequential(SN(nn.ConvTranspose2d(z_dim, ch[0], 4)),       # 1x1 -> 4x4
+                                nn.BatchNorm2d(ch[0]), nn.ReLU())]
+        for c_in, c_out in zip(ch, ch[1:]):
+            blocks.append(nn.Sequential(SN(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)),  # r -> 2r
+                                        nn.BatchNorm2d(c_out), nn.ReLU()))
+        self.blocks = nn.ModuleList(blocks)
+        self.attn = nn.ModuleDict({str(r): Self_Attn(c) for r, c in zip(self.resolutions, ch)
+                                   if r in self.attn_res})
+        self.last = nn.Sequential(SN(nn.ConvTranspose2d(ch[-1], 3, 4, 2, 1)), nn.Tanh())
+
+    def model_args(self):
+        """The arguments that rebuild this network: Generator(**g.model_args())."""
+        return dict(image_size=self.image_size, z_dim=self.z_dim, conv_dim=self.conv_dim,
+                    attn_res=list(self.attn_res))
+
+    def forward(self, z, return_attn=False, queries=None):
+        """With return_attn, returns (image, {resolution: attention}); `queries` maps a resolution
+        to the flattened query indices wanted there (see Self_Attn), other layers give full maps."""
+        x = z.reshape(z.shape[0], self.z_dim, 1, 1)  # (B, z_dim, 1, 1)
+        maps = {}
+        for res, block in zip(self.resolutions, self.blocks):
+            x = block(x)  # (B, C, res, res)
+            if str(res) in self.attn:
+                q = queries.get(res) if queries else None
+                x, maps[res] = self.attn[str(res)](x, return_attn=return_attn, queries=q)
+        img = self.last(x)  # (B, 3, imsize, imsize)
+        return (img, maps) if return_attn else img
+
+
+class Discriminator(nn.Module):
+    """image (B, 3, imsize, imsize) -> score (B,).
+
+    Strided convs with LeakyReLU(0.1) from imsize/2 down to 4x4, a 4x4 conv to one score; Self_Attn
+    after the blocks whose output resolution is in `attn_res`. No batch-dependent layers, so real
+    and fake images may share one forward pass.
+    """
+
+    def __init__(self, image_size=64, conv_dim=64, attn_res=(8, 4)):
+        super().__init__()
+        self.image_size, self.conv_dim = image_size, conv_dim
+        self.attn_res = sorted(attn_res, reverse=True)
+        check_attn(image_size, self.attn_res, "d")
+        self.resolutions = d_resolutions(image_size)
+        ch = [_channels(conv_dim, image_size, r) for r in self.resolutions]
+
+        blocks = [nn.Sequential(SN(nn.Conv2d(3, ch[0], 4, 2, 1)), nn.LeakyReLU(0.1))]  # S -> S/2
+        for c_in, c_out in zip(ch, ch[1:]):
+            blocks.append(nn.Sequential(SN(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(0.1)))
+        self.blocks = nn.ModuleList(blocks)
+        self.attn = nn.ModuleDict({str(r): Self_Attn(c) for r, c in zip(self.resolutions, ch)
+                                   if r in self.attn_res})
+        self.last = SN(nn.Conv2d(ch[-1], 1, 4))  # 4x4 -> 1x1
+
+    def model_args(self):
+        return dict(image_size=self.image_size, conv_dim=self.conv_dim, attn_res=list(self.attn_res))
+
+    def forward(self, x, return_attn=False, queries=None):
+        maps = {}
+        for res, block in zip(self.resolutions, self.blocks):
+            x = block(x)  # (B, C, res, res)
+            if str(res) in self.attn:
+                q = queries.get(res) if queries else None
+                x, maps[res] = self.attn[str(res)](x, return_attn=return_attn, queries=q)
+        score = self.last(x).flatten()  # (B,)
+        return (score, maps) if return_attn else score
