@@ -1,0 +1,20 @@
+# Two commands on a fresh machine: `make demo` (set up, then train on the built-in data)
+# and `make test` (set up, then run the tests). Both only need python3 (3.9+) with venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test
+setup: $(VENV)/.installed
+
+# visdom 0.2.4 only builds with setuptools<81: the constraint reaches pip's build environments too
+$(VENV)/.installed: requirements.txt constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/python -m pip install -q -r requirements.txt
+	touch $@
+
+demo: setup
+	$(BIN)/python main.py --preset quick
+
+test: setup
+	$(BIN)/python -m pytest -q tests
