@@ -206,6 +206,8 @@ def stop_server(proc, timeout=5.0):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    if getattr(proc, "log_path", None):
+        Path(proc.log_path).unlink(missing_ok=True)
 
 
 def _log_tail(proc, n=2000):
