@@ -36,6 +36,8 @@ RETRY_S = 2.0
 FACE_QUERIES = (("left eye", 0.38, 0.49), ("right eye", 0.62, 0.49),
                 ("centre", 0.50, 0.62), ("mouth", 0.50, 0.74))
 
+PANEL_HEAD, PANEL_SIDE = 16, 40  # px above the tiles (query names), left of them (row names)
+
 # inferno-like colormap anchors (dark = no weight, light yellow = the map's maximum)
 _CMAP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
 
@@ -85,20 +87,21 @@ def render_attention_panel(image, maps, points, names, tile=112):
     The query pixel is marked (cyan +) in every tile. Returns uint8 (H, W, 3).
     """
     S = image.shape[-1]
-    font, head, gap = _font(), 16, 2
+    font, head, side, gap = _font(), PANEL_HEAD, PANEL_SIDE, 2
     sample = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     sample = sample.resize((tile, tile), Image.NEAREST if tile >= S else Image.BILINEAR)
     grey = np.asarray(sample.convert("L"), np.float32)[..., None]  # (tile, tile, 1)
     n_rows = 1 + len(maps)
-    panel = Image.new("RGB", ((tile + gap) * len(points) - gap, head + (tile + gap) * n_rows - gap),
-                      "white")
+    panel = Image.new("RGB", (side + (tile + gap) * len(points) - gap,
+                              head + (tile + gap) * n_rows - gap), "white")
     draw = ImageDraw.Draw(panel)
-    label = dict(fill="white", font=font, stroke_width=1, stroke_fill="black")
+    # text is most of the drawing time: labels go once per row and column, no outlined text
+    for row, label in enumerate(["sample"] + [f"G{r}\n{r}x{r}" for r in maps]):
+        draw.multiline_text((3, head + row * (tile + gap) + 3), label, fill="black", font=font)
     for q, ((x, y), name) in enumerate(zip(points, names)):
-        left = q * (tile + gap)
+        left = side + q * (tile + gap)
         draw.text((left + 3, 2), f"query: {name}", fill="black", font=font)
         panel.paste(sample, (left, head))
-        draw.text((left + 3, head + 2), "sample", **label)
         for row, (r, rows) in enumerate(maps.items(), start=1):
             top = head + row * (tile + gap)
             m = rows[q].numpy()
@@ -106,14 +109,15 @@ def render_attention_panel(image, maps, points, names, tile=112):
             heat = np.asarray(Image.fromarray(heat).resize((tile, tile), Image.NEAREST), np.float32)
             panel.paste(Image.fromarray((0.75 * heat + 0.25 * grey).round().astype(np.uint8)),
                         (left, top))
-            draw.text((left + 3, top + 2), f"G{r} ({r}x{r})", **label)
             # the peak in units of the uniform weight 1/N: 1.0x means the layer looks everywhere
-            draw.text((left + 3, top + tile - 14), f"peak {m.max() * m.size:.1f}x uniform", **label)
+            draw.rectangle((left, top + tile - 14, left + 62, top + tile - 1), fill="black")
+            draw.text((left + 3, top + tile - 14), f"peak {m.max() * m.size:.1f}x", fill="white",
+                      font=font)
         for row in range(n_rows):
             cx, cy = left + (x + 0.5) * tile / S, head + row * (tile + gap) + (y + 0.5) * tile / S
             draw.line((cx - 5, cy, cx + 5, cy), fill=(0, 255, 255), width=2)
             draw.line((cx, cy - 5, cx, cy + 5), fill=(0, 255, 255), width=2)
-    return np.asarray(panel)
+    return np.array(panel)  # writable: torch.from_numpy warns on read-only arrays
 
 
 # ----------------------------------------------------------------------------- the dashboard
@@ -170,7 +174,7 @@ class Dashboard:
         points = [(fx * S, fy * S) for _, fx, fy in queries]
         image, maps = attention_rows(G, z, points)
         panel = render_attention_panel(image, maps, points, [name for name, _, _ in queries])
-        caption = f"step {step}, first fixed z; colour = weight / its max"  # one line fits
+        caption = f"step {step}, first fixed z; colour = weight / its max; peak in 1/N"  # 1 line
         self.image("attention", torch.from_numpy(panel).permute(2, 0, 1)[None] / 255.0, caption)
 
     def wait_connected(self, timeout):

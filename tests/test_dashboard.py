@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dashboard import FACE_QUERIES, _colormap, attention_rows, query_index, render_attention_panel  # noqa: E402
+from dashboard import (FACE_QUERIES, PANEL_HEAD, PANEL_SIDE, _colormap, attention_rows,  # noqa: E402
+                       query_index, render_attention_panel)
 from sagan_models import Generator  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def test_attention_rows_are_the_rows_of_the_full_map():
 
 
 def test_panel_puts_each_map_under_its_query_with_the_hot_cell_where_it_is():
-    S, tile, gap, head = 32, 112, 2, 16
+    S, tile, gap, head, side = 32, 112, 2, PANEL_HEAD, PANEL_SIDE
     image = torch.full((3, S, S), 0.5)
     points = [(4.0, 4.0), (28.0, 20.0)]
     maps = {8: torch.full((2, 8, 8), 0.5 / 63), 16: torch.full((2, 16, 16), 0.5 / 255)}
@@ -56,13 +57,14 @@ def test_panel_puts_each_map_under_its_query_with_the_hot_cell_where_it_is():
 
     panel = render_attention_panel(image, maps, points, ["a", "b"], tile=tile)
 
-    assert panel.shape == (head + 3 * (tile + gap) - gap, 2 * (tile + gap) - gap, 3)
+    assert panel.shape == (head + 3 * (tile + gap) - gap, side + 2 * (tile + gap) - gap, 3)
     hottest = _colormap(np.array(1.0)).astype(np.float32)
     coldest = _colormap(np.array(1 / 63)).astype(np.float32)
 
     def cell_centre(q, row, r, i, j):  # pixel of the panel at the centre of cell (i, j)
         cell = tile / r
-        return head + row * (tile + gap) + int((i + 0.5) * cell), q * (tile + gap) + int((j + 0.5) * cell)
+        return (head + row * (tile + gap) + int((i + 0.5) * cell),
+                side + q * (tile + gap) + int((j + 0.5) * cell))
 
     def blended(rgb):  # heat over the grey sample (0.5 -> 128)
         return 0.75 * rgb + 0.25 * 128
@@ -73,5 +75,5 @@ def test_panel_puts_each_map_under_its_query_with_the_hot_cell_where_it_is():
     y, x = cell_centre(0, 1, 8, 2, 5)  # a cold cell of query 0's 8x8 map
     assert np.abs(panel[y, x] - blended(coldest)).max() <= 1
     # the query mark: cyan at the query pixel in the sample row of its column
-    y, x = head + int(20.5 * tile / S), (tile + gap) + int(28.5 * tile / S)
+    y, x = head + int(20.5 * tile / S), side + (tile + gap) + int(28.5 * tile / S)
     assert tuple(panel[y, x]) == (0, 255, 255)

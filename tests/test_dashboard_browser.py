@@ -231,8 +231,9 @@ def test_training_run_shows_on_the_dashboard_in_chromium(server, tmp_path):
     assert gamma["gamma/G16"]["y"] == pytest.approx([r["gamma/G16"] for r in records], rel=1e-6)
     # samples: 16 images of 32px in a 4x4 grid, visdom pads each by 2px on every side
     assert by_title["samples"]["image"] == [4 * 36, 4 * 36]
-    # attention: a 112px tile per query (4) for the sample and G's 2 layers, a 16px header, 2px gaps
-    assert by_title["attention"]["image"] == [4 * 114 - 2 + 4, 16 + 3 * 114 - 2 + 4]
+    # attention: a 112px tile per query (4) for the sample and G's 2 layers, 2px gaps, the labels
+    # above and left, visdom's padding
+    assert by_title["attention"]["image"] == [40 + 4 * 114 - 2 + 4, 16 + 3 * 114 - 2 + 4]
 
     # offline: everything the page asked for came from the local server
     assert urls and all(u.startswith((f"http://127.0.0.1:{port}/", "data:", f"ws://127.0.0.1:{port}/"))
