@@ -165,8 +165,8 @@ class Dashboard:
     def attention(self, G, z, step, queries=FACE_QUERIES):
         """Show where each G attention layer looks from a few face pixels of G(z[:1]).
 
-        Runs on the training thread (G is not thread-safe mid-training): one forward pass of one
-        sample that computes only the asked rows, plus drawing; milliseconds at sample steps.
+        Runs on the training thread (G must not change under it): one forward pass of one sample
+        that computes only the asked rows, plus drawing; tens of milliseconds, at sample steps.
         """
         if not G.attn_res:
             return
@@ -174,7 +174,7 @@ class Dashboard:
         points = [(fx * S, fy * S) for _, fx, fy in queries]
         image, maps = attention_rows(G, z, points)
         panel = render_attention_panel(image, maps, points, [name for name, _, _ in queries])
-        caption = f"step {step}, first fixed z; colour = weight / its max; peak in 1/N"  # 1 line
+        caption = f"step {step}, first fixed z; peak = max weight x N (1x: uniform)"  # one line
         self.image("attention", torch.from_numpy(panel).permute(2, 0, 1)[None] / 255.0, caption)
 
     def wait_connected(self, timeout):

@@ -29,7 +29,7 @@ import visdom_server  # noqa: E402
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--remote-debugging-port=0"]
+                  "--disable-dev-shm-usage", "--hide-scrollbars", "--remote-debugging-port=0"]
 LOSSES = ["d_loss_real", "d_loss_fake", "d_loss", "g_loss"]
 
 
