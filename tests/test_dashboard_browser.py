@@ -202,6 +202,9 @@ def test_training_run_shows_on_the_dashboard_in_chromium(server, tmp_path):
     windows = json.loads(vis.get_window_data(env=version))
     assert {w: windows[w]["type"] for w in ("loss", "gamma", "samples", "attention")} == dict(
         loss="plot", gamma="plot", samples="image", attention="image")
+    # refreshed at every sample step: the panes hold the last one (the final step)
+    assert windows["attention"]["content"]["caption"].startswith(f"step {total}, first fixed z")
+    assert windows["samples"]["content"]["caption"] == f"fixed z, step {total}"
 
     # the page shows it (the browser's DOM)
     browser = Chromium()
