@@ -4,13 +4,22 @@ The training loop only records (`scalars`, `image`): cheap, in memory, no networ
 mirrors that record to the visdom server. Each line window remembers how many points the server has;
 after any failure (server down, restarted, slow) everything is marked unsent and the next successful
 pass redraws whole windows, so a dashboard that comes back fills again with the full curves.
+
+Besides the curves and the fixed-z grid, `attention` draws an attention panel at every sample step:
+for the first fixed z and a few face pixels (FACE_QUERIES), the attention row of every G layer.
 """
+import functools
 import logging
+import math
 import sys
 import threading
 import time
 
 import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from utils import denorm
 
 try:
     import visdom
@@ -20,6 +29,99 @@ except ImportError:  # the dashboard is optional; main.py says so when asked for
 POST_TIMEOUT_S = 5.0
 RETRY_S = 2.0
 
+
+# ----------------------------------------------------------------------------- attention panel
+
+# Query pixels as fractions of the image side (x to the right, y down; "left" is the image's left).
+# They sit on the eyes, centre and mouth of the built-in faces and of centre-cropped aligned CelebA.
+FACE_QUERIES = (("left eye", 0.38, 0.49), ("right eye", 0.62, 0.49),
+                ("centre", 0.50, 0.62), ("mouth", 0.50, 0.74))
+
+PANEL_HEAD, PANEL_SIDE = 16, 40  # px above the tiles (query names), left of them (row names)
+
+# inferno-like colormap anchors (dark = no weight, light yellow = the map's maximum)
+_CMAP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
+
+
+def query_index(x, y, imsize, H, W):
+    """Image pixel (x, y) -> flattened row-major index of the cell of an H x W map that covers it."""
+    i = min(math.floor(y * H / imsize), H - 1)
+    j = min(math.floor(x * W / imsize), W - 1)
+    return i * W + j
+
+
+@torch.no_grad()
+def attention_rows(G, z, points):
+    """G(z[:1]) in eval mode, keeping only the attention rows of the image pixels `points` [(x, y)].
+
+    Returns (image (3, S, S) in [0, 1], {resolution: (Q, res, res)}), both on the CPU.
+    """
+    was_training = G.training
+    G.eval()  # BatchNorm running stats, as the sample grid uses
+    S = G.image_size
+    queries = {r: torch.tensor([query_index(x, y, S, r, r) for x, y in points]) for r in G.attn_res}
+    img, maps = G(z[:1], return_attn=True, queries=queries)  # maps[r]: (1, Q, r*r)
+    G.train(was_training)
+    rows = {r: m[0].float().reshape(len(points), r, r).cpu() for r, m in maps.items()}  # (Q, r, r)
+    return denorm(img[0].float()).cpu(), rows
+
+
+@functools.lru_cache(maxsize=1)
+def _font():
+    return ImageFont.load_default(size=11)
+
+
+def _colormap(v):
+    """v in [0, 1] (any shape) -> uint8 RGB (..., 3)."""
+    t = np.clip(v, 0, 1) * (len(_CMAP) - 1)
+    lo = np.minimum(t.astype(np.int64), len(_CMAP) - 2)
+    frac = (t - lo)[..., None]
+    return ((1 - frac) * _CMAP[lo] + frac * _CMAP[lo + 1]).round().astype(np.uint8)
+
+
+def render_attention_panel(image, maps, points, names, tile=112):
+    """One picture: a column per query pixel; rows = the sample, then each G layer's heatmap.
+
+    image (3, S, S) in [0, 1]; maps {res: (Q, res, res)}; points [(x, y)] image pixels; names per
+    query. Heatmaps are upsampled without smoothing, so each attention cell stays a visible block,
+    and drawn over a faint grey copy of the sample so the features they land on are recognisable.
+    The query pixel is marked (cyan +) in every tile. Returns uint8 (H, W, 3).
+    """
+    S = image.shape[-1]
+    font, head, side, gap = _font(), PANEL_HEAD, PANEL_SIDE, 2
+    sample = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    sample = sample.resize((tile, tile), Image.NEAREST if tile >= S else Image.BILINEAR)
+    grey = np.asarray(sample.convert("L"), np.float32)[..., None]  # (tile, tile, 1)
+    n_rows = 1 + len(maps)
+    panel = Image.new("RGB", (side + (tile + gap) * len(points) - gap,
+                              head + (tile + gap) * n_rows - gap), "white")
+    draw = ImageDraw.Draw(panel)
+    # text is most of the drawing time: labels go once per row and column, no outlined text
+    for row, label in enumerate(["sample"] + [f"G{r}\n{r}x{r}" for r in maps]):
+        draw.multiline_text((3, head + row * (tile + gap) + 3), label, fill="black", font=font)
+    for q, ((x, y), name) in enumerate(zip(points, names)):
+        left = side + q * (tile + gap)
+        draw.text((left + 3, 2), f"query: {name}", fill="black", font=font)
+        panel.paste(sample, (left, head))
+        for row, (r, rows) in enumerate(maps.items(), start=1):
+            top = head + row * (tile + gap)
+            m = rows[q].numpy()
+            heat = _colormap(m / max(m.max(), 1e-12))  # (r, r, 3)
+            heat = np.asarray(Image.fromarray(heat).resize((tile, tile), Image.NEAREST), np.float32)
+            panel.paste(Image.fromarray((0.75 * heat + 0.25 * grey).round().astype(np.uint8)),
+                        (left, top))
+            # the peak in units of the uniform weight 1/N: 1.0x means the layer looks everywhere
+            draw.rectangle((left, top + tile - 14, left + 62, top + tile - 1), fill="black")
+            draw.text((left + 3, top + tile - 14), f"peak {m.max() * m.size:.1f}x", fill="white",
+                      font=font)
+        for row in range(n_rows):
+            cx, cy = left + (x + 0.5) * tile / S, head + row * (tile + gap) + (y + 0.5) * tile / S
+            draw.line((cx - 5, cy, cx + 5, cy), fill=(0, 255, 255), width=2)
+            draw.line((cx, cy - 5, cx, cy + 5), fill=(0, 255, 255), width=2)
+    return np.array(panel)  # writable: torch.from_numpy warns on read-only arrays
+
+
+# ----------------------------------------------------------------------------- the dashboard
 
 class _Line:
     def __init__(self, title, names):
@@ -50,6 +152,8 @@ class Dashboard:
 
     # ------------------------------------------------------------------ called by the training loop
     def scalars(self, win, step, values):
+        if win not in self.lines:  # e.g. 'gamma' in a run without attention layers
+            return
         with self._lock:
             self.lines[win].add(step, values)
         self._wake.set()
@@ -58,6 +162,21 @@ class Dashboard:
         with self._lock:
             self.images[win] = [images.detach().float().cpu(), caption, False]
         self._wake.set()
+
+    def attention(self, G, z, step, queries=FACE_QUERIES):
+        """Show where each G attention layer looks from a few face pixels of G(z[:1]).
+
+        Runs on the training thread (G must not change under it): one forward pass of one sample
+        that computes only the asked rows, plus drawing; tens of milliseconds, at sample steps.
+        """
+        if not G.attn_res:
+            return
+        S = G.image_size
+        points = [(fx * S, fy * S) for _, fx, fy in queries]
+        image, maps = attention_rows(G, z, points)
+        panel = render_attention_panel(image, maps, points, [name for name, _, _ in queries])
+        caption = f"step {step}, first fixed z; peak = max weight x N (1x: uniform)"  # one line
+        self.image("attention", torch.from_numpy(panel).permute(2, 0, 1)[None] / 255.0, caption)
 
     def wait_connected(self, timeout):
         """Block until the first connection attempt is decided; True when a server answered."""
@@ -126,8 +245,14 @@ class Dashboard:
             if im[2]:
                 continue
             images, caption = im[0], im[1]
-            self._client.images(images.numpy(), nrow=int(len(images) ** 0.5) or 1, win=win,
-                                opts=dict(title=win, caption=caption))
+            B, _, h, w = images.shape
+            ncol = int(B ** 0.5) or 1
+            grid_h, grid_w = math.ceil(B / ncol) * (h + 4), ncol * (w + 4)  # visdom pads 2px a side
+            # visdom sizes an image pane from these; its title bar and the caption (drawn above and
+            # below the image) would otherwise crop the picture
+            self._client.images(images.numpy(), nrow=ncol, win=win,
+                                opts=dict(title=win, caption=caption, width=grid_w + 16,
+                                          height=grid_h + (60 if caption else 30)))
             im[2] = True
 
 

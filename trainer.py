@@ -149,6 +149,8 @@ class Trainer:
     def sample(self):
         self.G.eval()
         images = denorm(self.G(self.fixed_z))
+        if self.dashboard:  # watch attention form: a few face pixels' rows, every layer of G
+            self.dashboard.attention(self.G, self.fixed_z[:1], self.step)
         self.G.train()
         os.makedirs(self.sample_dir, exist_ok=True)
         path = os.path.join(self.sample_dir, f"{self.step:07d}_fake.png")

@@ -1,0 +1,79 @@
+"""The dashboard's attention panel: query pixels -> map cells, the rows G gives, the picture drawn."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dashboard import (FACE_QUERIES, PANEL_HEAD, PANEL_SIDE, _colormap, attention_rows,  # noqa: E402
+                       query_index, render_attention_panel)
+from sagan_models import Generator  # noqa: E402
+
+
+def test_query_index_is_row_major_cell_of_the_pixel():
+    assert query_index(0, 0, 32, 8, 8) == 0
+    assert query_index(16, 16, 32, 8, 8) == 4 * 8 + 4
+    assert query_index(31.9, 0, 32, 8, 8) == 7          # last column, first row
+    assert query_index(0, 31.9, 32, 8, 8) == 7 * 8      # first column, last row
+    assert query_index(32, 32, 32, 8, 8) == 63          # the far edge stays inside the map
+    # non-square map: i from y and H, j from x and W, index i * W + j
+    assert query_index(x=20, y=12, imsize=32, H=4, W=8) == 1 * 8 + 5
+
+
+def test_attention_rows_are_the_rows_of_the_full_map():
+    torch.manual_seed(0)
+    G = Generator(32, 16, 8, [8, 16])
+    for _ in range(2):  # move BatchNorm's running stats off their defaults
+        G(torch.randn(4, 16))
+    G.train()
+    bn_mean = G.blocks[1][1].running_mean.clone()
+    z = torch.randn(3, 16)
+    points = [(fx * 32, fy * 32) for _, fx, fy in FACE_QUERIES]
+
+    image, rows = attention_rows(G, z, points)
+
+    assert G.training and torch.equal(G.blocks[1][1].running_mean, bn_mean)  # restored, untouched
+    G.eval()
+    with torch.no_grad():
+        full_img, full = G(z[:1], return_attn=True)  # full[r]: (1, r*r, r*r)
+    assert image.shape == (3, 32, 32) and image.min() >= 0 and image.max() <= 1
+    assert torch.allclose(image, (full_img[0] + 1) / 2, atol=1e-6)
+    assert sorted(rows) == [8, 16]
+    for r, m in rows.items():
+        assert m.shape == (len(points), r, r)
+        idx = [query_index(x, y, 32, r, r) for x, y in points]
+        assert torch.allclose(m.flatten(1), full[r][0, idx], atol=1e-6)
+        assert torch.allclose(m.flatten(1).sum(1), torch.ones(len(points)), atol=1e-5)
+
+
+def test_panel_puts_each_map_under_its_query_with_the_hot_cell_where_it_is():
+    S, tile, gap, head, side = 32, 112, 2, PANEL_HEAD, PANEL_SIDE
+    image = torch.full((3, S, S), 0.5)
+    points = [(4.0, 4.0), (28.0, 20.0)]
+    maps = {8: torch.full((2, 8, 8), 0.5 / 63), 16: torch.full((2, 16, 16), 0.5 / 255)}
+    maps[8][0, 6, 1] = 0.5   # query 0, layer 8: hot cell in row 6, column 1
+    maps[16][1, 2, 13] = 0.5  # query 1, layer 16: hot cell in row 2, column 13
+
+    panel = render_attention_panel(image, maps, points, ["a", "b"], tile=tile)
+
+    assert panel.shape == (head + 3 * (tile + gap) - gap, side + 2 * (tile + gap) - gap, 3)
+    hottest = _colormap(np.array(1.0)).astype(np.float32)
+    coldest = _colormap(np.array(1 / 63)).astype(np.float32)
+
+    def cell_centre(q, row, r, i, j):  # pixel of the panel at the centre of cell (i, j)
+        cell = tile / r
+        return (head + row * (tile + gap) + int((i + 0.5) * cell),
+                side + q * (tile + gap) + int((j + 0.5) * cell))
+
+    def blended(rgb):  # heat over the grey sample (0.5 -> 128)
+        return 0.75 * rgb + 0.25 * 128
+
+    for q, row, r, (i, j) in [(0, 1, 8, (6, 1)), (1, 2, 16, (2, 13))]:
+        y, x = cell_centre(q, row, r, i, j)
+        assert np.abs(panel[y, x] - blended(hottest)).max() <= 1, (q, r)
+    y, x = cell_centre(0, 1, 8, 2, 5)  # a cold cell of query 0's 8x8 map
+    assert np.abs(panel[y, x] - blended(coldest)).max() <= 1
+    # the query mark: cyan at the query pixel in the sample row of its column
+    y, x = head + int(20.5 * tile / S), side + (tile + gap) + int(28.5 * tile / S)
+    assert tuple(panel[y, x]) == (0, 255, 255)
