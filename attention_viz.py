@@ -17,6 +17,7 @@ Only the query rows that are asked for are computed: a full map of a 64x64 layer
 floats per image. Full maps are made only where a statistic needs every row (key saliency), and
 then in chunks of rows.
 """
+import base64
 import io
 import math
 import re
@@ -59,6 +60,18 @@ def load_models(path, device="cpu", with_d=False):
 
 def load_generator(path, device="cpu"):
     return load_models(path, device)[0]
+
+
+def load_image(path, imsize, crop=160):
+    """A real image for D, prepared as in training: centre crop, resize, (3, imsize, imsize) in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    from data_loader import center_crop_resize, to_tensor
+    try:
+        with Image.open(path) as img:
+            return to_tensor(center_crop_resize(img.convert("RGB"), imsize, crop))
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"image {path!r} cannot be read ({e}); pass a JPEG or PNG file") from None
 
 
 # ============================================================================ layers
@@ -494,7 +507,8 @@ def plot_query(image, attn_map, cell, feature=None, k=TOPK, upsample="nearest", 
 
 
 def plot_layers(image, entries, pixel=None, k=TOPK, upsample="nearest", title=None):
-    """One query across every attention layer: entries = [dict(name, map (H, W), cell, stats)].
+    """One query across every attention layer: entries = [dict(name, map (H, W), cell, stats,
+    image optional: what that layer looked at, default `image`)].
 
     First panel: the image with the query pixel; then per layer its map over the image, a cross at
     the query's cell in that layer and the top-k dots. Returns (fig, {'image', name: ax, ...}).
@@ -511,7 +525,7 @@ def plot_layers(image, entries, pixel=None, k=TOPK, upsample="nearest", title=No
     for ax, e in zip(row[0][1:], entries):
         axes[e["name"]] = ax
         m = np.asarray(e["map"], dtype=np.float32)
-        _overlay(ax, image, m, upsample)
+        _overlay(ax, e.get("image", image), m, upsample)  # D may look at another (real) image
         _mark(ax, m, e["cell"], img_hw, k)
         H, W = m.shape
         ax.set_title(f"{e['name']} ({H}x{W}), cell ({e['cell'][0]}, {e['cell'][1]})", fontsize=9)
@@ -707,7 +721,8 @@ class Explorer:
         for name in layers or list(self.layers):
             name = check_layer(name, self.layers)
             cell, m, stats = self.query(seed, name, pixel=pixel, d_image=d_image)
-            entries.append(dict(name=name, map=m, cell=cell, stats=stats))
+            entries.append(dict(name=name, map=m, cell=cell, stats=stats,
+                                image=self.image(seed, name, d_image)))
         src = " (D on a real image)" if d_image is not None else ""
         return plot_layers(self.image(seed), entries, pixel, k, upsample,
                            title=f"seed {seed}{src}: every attention layer")
@@ -792,6 +807,6 @@ class WidgetWithFallback:
         if isinstance(bundle, tuple):
             bundle = bundle[0]
         bundle = dict(bundle)
-        bundle["image/png"] = self.image.value
+        bundle["image/png"] = base64.b64encode(self.image.value).decode("ascii")  # as Jupyter stores it
         bundle["text/plain"] = "attention explorer (run the notebook in Jupyter for the sliders)"
         return bundle

@@ -79,17 +79,6 @@ def build_parser():
     return p
 
 
-def load_d_image(path, imsize, crop):
-    from PIL import Image, UnidentifiedImageError
-
-    from data_loader import center_crop_resize, to_tensor
-    try:
-        with Image.open(path) as img:
-            return to_tensor(center_crop_resize(img.convert("RGB"), imsize, crop))
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"--d_image {path!r} is not a readable image ({e})") from None
-
-
 def check_args(args):
     if not args.out and not args.table:
         raise ValueError("nothing to do: give --out FILE.png for a figure and/or --table")
@@ -136,7 +125,7 @@ def main(argv=None):
         ex = av.Explorer.from_checkpoint(args.checkpoint, device, with_d=args.with_d or bool(args.d_image))
         if not ex.layers:
             raise ValueError(f"{args.checkpoint!r} has no attention layers (trained with --g_attn none)")
-        d_image = load_d_image(args.d_image, ex.imsize, args.center_crop) if args.d_image else None
+        d_image = av.load_image(args.d_image, ex.imsize, args.center_crop) if args.d_image else None
         print(ex.describe())
         if args.out:
             fig, _ = make_figure(ex, args, d_image)

@@ -15,7 +15,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import attention_viz as av  # noqa: E402
 from sagan_models import Discriminator, Generator  # noqa: E402
 
-torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- helpers
