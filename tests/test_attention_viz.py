@@ -140,6 +140,9 @@ QUERY = (2, 1)
 def expect_marks(ax, m, img_hw, k):
     """Cross at the query cell's centre and the heaviest dot on the peak, in the axes' units."""
     units = img_hw or MAP_HW
+    # whatever is drawn first (image or feature grid) spans the same units as the markers: pixel x
+    # covers [x, x+1), not imshow's default [x-0.5, x+0.5)
+    assert tuple(ax.get_images()[0].get_extent()) == (0, units[1], units[0], 0)
     assert query_xy(ax) == pytest.approx(av.cell_to_pixel(*QUERY, MAP_HW, units))
     if k:
         offsets, sizes = topk_dots(ax)
