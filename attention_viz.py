@@ -39,7 +39,7 @@ LAYER_RE = re.compile(r"^([GgDd])(\d+)$")
 # ============================================================================ loading
 
 def load_models(path, device="cpu", with_d=False):
-    """(G, D or None) rebuilt from a checkpoint file alone (weights_only=True), in eval mode.
+    """(G, D or None, step) rebuilt from a checkpoint file alone (weights_only=True), in eval mode.
 
     Every failure (missing, corrupt, foreign file, weights that do not fit) is a CheckpointError
     with a one-line message naming the file.
@@ -55,7 +55,7 @@ def load_models(path, device="cpu", with_d=False):
             raise CheckpointError(f"{path!r}: cannot rebuild {key} from the stored architecture "
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
         built.append(net.to(device).eval())
-    return built[0], (built[1] if with_d else None)
+    return built[0], (built[1] if with_d else None), ckpt.get("step")
 
 
 def load_generator(path, device="cpu"):
@@ -649,8 +649,8 @@ class Explorer:
     generated image, or real images passed as `d_images` (B, 3, h, w) in [-1, 1].
     """
 
-    def __init__(self, G, D=None):
-        self.G, self.D = G, D
+    def __init__(self, G, D=None, step=None):
+        self.G, self.D, self.step = G, D, step
         self.imsize = G.image_size
         self.img_hw = (G.image_size, G.image_size)
         self.device = next(G.parameters()).device
@@ -665,7 +665,22 @@ class Explorer:
 
     def describe(self):
         g = ", ".join(f"{n} {tuple(self.feature_hw(n))} gamma {gamma(l):+.4f}" for n, l in self.layers.items())
-        return f"{self.imsize}px generator, z_dim {self.G.z_dim}; attention: {g or 'none'}"
+        at = f" at step {self.step}" if self.step is not None else ""
+        return f"{self.imsize}px generator{at}, z_dim {self.G.z_dim}; attention: {g or 'none'}"
+
+    def pick_layer(self, name=None):
+        """`name` checked, or by default the generator's largest attention layer."""
+        if name is None:
+            g = [n for n in self.layers if n.startswith("G")]
+            if not g:
+                raise ValueError("this generator has no attention layer (trained with --g_attn none); "
+                                 "name a D layer")
+            return g[-1]
+        return check_layer(name, self.layers)
+
+    def default_pixel(self):
+        """About the left eye (image left) of a centred face: built-in faces and CelebA's 160px crop."""
+        return round(0.38 * self.imsize), round(0.48 * self.imsize)
 
     def feature_hw(self, name):
         return (parse_layer(name)[1],) * 2
@@ -707,7 +722,7 @@ class Explorer:
 
     def query_figure(self, seed=0, layer=None, pixel=None, cell=None, k=TOPK, upsample="nearest",
                      channel=None, d_image=None):
-        layer = check_layer(layer or list(self.layers)[-1], self.layers)
+        layer = self.pick_layer(layer)
         cell, m, stats = self.query(seed, layer, pixel, cell, d_image)
         feature = feature_image(self.features(seed, layer, d_image)[0], channel)
         src = "real image" if d_image is not None and layer.startswith("D") else f"seed {seed}"
@@ -715,7 +730,7 @@ class Explorer:
                           title=f"{layer}, {src}, channel {'mean' if channel is None else channel}")
 
     def layers_figure(self, seed=0, pixel=None, layers=None, k=TOPK, upsample="nearest", d_image=None):
-        pixel = pixel if pixel is not None else (self.imsize // 2, self.imsize // 2)
+        pixel = pixel if pixel is not None else self.default_pixel()
         check_pixel(*pixel, self.img_hw)
         entries = []
         for name in layers or list(self.layers):
@@ -728,7 +743,7 @@ class Explorer:
                            title=f"seed {seed}{src}: every attention layer")
 
     def queries_figure(self, seed=0, layer=None, pixels=None, k=TOPK, upsample="nearest"):
-        layer = check_layer(layer or list(self.layers)[-1], self.layers)
+        layer = self.pick_layer(layer)
         s = self.imsize
         pixels = pixels or [(s // 4, s // 3), (3 * s // 4, s // 3), (s // 2, 3 * s // 4), (s // 8, s // 8)]
         entries = []
@@ -739,7 +754,7 @@ class Explorer:
 
     def grid_figure(self, seeds=range(8), layer=None, pixel=None, cell=None, k=TOPK, ncols=4,
                     upsample="nearest"):
-        layer = check_layer(layer or list(self.layers)[-1], self.layers)
+        layer = self.pick_layer(layer)
         images, maps = [], []
         for s in seeds:
             c, m, _ = self.query(s, layer, pixel, cell)
@@ -770,8 +785,8 @@ class Explorer:
         live widget, one that does not (nbclient, nbconvert, GitHub) shows the same figure, static.
         """
         import ipywidgets as w
-        layer = check_layer(layer or list(self.layers)[-1], self.layers)
-        px = pixel or (self.imsize // 2, self.imsize // 3)
+        layer = self.pick_layer(layer)
+        px = pixel or self.default_pixel()
         ctl = dict(
             seed=w.IntSlider(value=seed, min=0, max=max_seed, description="seed"),
             x=w.IntSlider(value=px[0], min=0, max=self.imsize - 1, description="query x"),

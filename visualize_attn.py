@@ -61,7 +61,7 @@ def build_parser():
     a("--seeds", type=seed_list, default=list(range(8)), help="images of --view grid, e.g. 0-7")
     a("--layer", help="attention layer, e.g. G16 or D8 (default: the generator's largest)")
     a("--pixel", type=int_pair, action="append", metavar="X,Y",
-      help="query as an image pixel; repeat for --view queries")
+      help="query as an image pixel (default: about a face's left eye); repeat for --view queries")
     a("--cell", type=int_pair, metavar="ROW,COL", help="query as a feature cell of --layer")
     a("--topk", type=int, default=av.TOPK, help="top attended locations marked")
     a("--upsample", choices=["nearest", "bilinear"], default="nearest",
@@ -102,7 +102,7 @@ def check_args(args):
 def make_figure(ex, args, d_image):
     pixel = args.pixel[0] if args.pixel else None
     if args.view != "queries" and pixel is None and args.cell is None:
-        pixel = (ex.imsize // 2, ex.imsize // 3)
+        pixel = ex.default_pixel()
     if args.view == "query":
         return ex.query_figure(args.seed, args.layer, pixel, args.cell, args.topk, args.upsample,
                                args.channel, d_image)

@@ -307,3 +307,6 @@ def test_explorer_takes_queries_as_pixels_or_cells_and_agrees():
         ex.query(0, "D4", pixel=(0, 0))
     with pytest.raises(ValueError, match="channel 99"):
         ex.query_figure(0, "G16", pixel=(1, 1), channel=99)
+    torch.manual_seed(0)
+    with_d = av.Explorer(tiny_g(), Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval())
+    assert list(with_d.layers) == ["G8", "G16", "D8", "D4"] and with_d.pick_layer() == "G16"

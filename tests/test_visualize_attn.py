@@ -151,7 +151,7 @@ def test_notebook_executes_headless(checkpoint, tmp_path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs)
-    assert "32px generator, z_dim 16" in text
+    assert "32px generator at step 4, z_dim 16" in text
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pngs) >= 6  # five figures and the explorer's still image
     table = [o for o in outputs if "text/markdown" in o.get("data", {})]
