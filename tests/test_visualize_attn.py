@@ -1,0 +1,161 @@
+"""The attention explorer end to end on a checkpoint made by a real (tiny) main.py run: the CLI's
+figures and table, its errors on bad checkpoints, and the notebook executed headless."""
+import json
+import os
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import nbformat  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import visualize_attn  # noqa: E402
+
+NOTEBOOK = os.path.join(ROOT, "visualize_attn.ipynb")
+CELEBA = "/work/shared/data/celeba_sample/img_align_celeba"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A real 32px checkpoint: 4 steps of main.py on the built-in data."""
+    tmp = tmp_path_factory.mktemp("explorer")
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--dataset", "synthetic", "--imsize", "32",
+           "--g_conv_dim", "8", "--d_conv_dim", "8", "--z_dim", "16", "--batch_size", "4",
+           "--synthetic_size", "64", "--num_workers", "0", "--n_samples", "4", "--total_step", "4",
+           "--log_step", "2", "--sample_step", "4", "--model_save_step", "4", "--version", "t",
+           "--no_visdom", "--model_save_path", str(tmp / "models"), "--sample_path", str(tmp / "samples")]
+    subprocess.run(cmd, check=True, cwd=tmp, env=ENV, capture_output=True, timeout=300)
+    path = tmp / "models" / "t" / "latest.pt"
+    assert path.is_file()
+    return str(path)
+
+
+def cli(*args):
+    """visualize_attn.main in this process: (exit code, stdout, stderr-like message)."""
+    try:
+        visualize_attn.main([str(a) for a in args])
+    except SystemExit as e:
+        return (e.code if isinstance(e.code, int) else 1), str(e.code)
+    return 0, ""
+
+
+def is_png(path, min_wh=(200, 150)):
+    with Image.open(path) as img:
+        return img.format == "PNG" and img.size[0] >= min_wh[0] and img.size[1] >= min_wh[1]
+
+
+def test_cli_writes_every_view_headless(checkpoint, tmp_path, capsys):
+    # one real subprocess: no display, nothing but the command line
+    out = tmp_path / "query.png"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "visualize_attn.py"), "--checkpoint",
+                        checkpoint, "--out", out, "--pixel", "5,20", "--layer", "g8"],
+                       cwd=tmp_path, env=dict(ENV, DISPLAY=""), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert is_png(out) and "G8 (8, 8)" in r.stdout
+    views = [("layers", "--pixel", "3,3", "--with_d"), ("queries", "--pixel", "1,1", "--pixel", "30,30"),
+             ("grid", "--seeds", "0-3", "--cell", "2,2", "--layer", "G8"), ("saliency",),
+             ("query", "--cell", "15,0", "--upsample", "bilinear", "--channel", "3", "--topk", "3")]
+    for view, *extra in views:
+        png = tmp_path / f"{view}.png"
+        assert cli("--checkpoint", checkpoint, "--out", png, "--view", view, *extra) == (0, ""), view
+        assert is_png(png), view
+
+
+def test_cli_table_lists_every_layer(checkpoint, tmp_path, capsys):
+    md = tmp_path / "table.md"
+    assert cli("--checkpoint", checkpoint, "--table", "--with_d", "--table_images", "3",
+               "--table_queries", "5", "--table_out", md)[0] == 0
+    text = md.read_text()
+    for name in ("G8", "G16", "D8", "D4"):
+        assert f"| {name} |" in text
+    assert "3 generated images x 5 query cells" in text and text.strip() in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.isdir(CELEBA), reason="real CelebA sample not present")
+def test_cli_d_attention_on_a_real_image(checkpoint, tmp_path):
+    jpg = os.path.join(CELEBA, sorted(os.listdir(CELEBA))[0])
+    png = tmp_path / "d.png"
+    assert cli("--checkpoint", checkpoint, "--out", png, "--view", "query", "--layer", "D8",
+               "--d_image", jpg, "--pixel", "16,12") == (0, "")
+    assert is_png(png)
+
+
+def test_cli_bad_inputs_are_one_line_errors(checkpoint, tmp_path):
+    corrupt = tmp_path / "corrupt.pt"  # a real checkpoint cut short, as by a full disk
+    data = open(checkpoint, "rb").read()
+    corrupt.write_bytes(data[:len(data) // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    foreign = tmp_path / "seed_G.pt"
+    torch.save({"l1.weight": torch.zeros(2, 2)}, foreign)
+    wrong = tmp_path / "wrong.pt"
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["model_args"]["G"]["conv_dim"] = 16  # weights no longer fit the stored architecture
+    torch.save(ckpt, wrong)
+    out = tmp_path / "x.png"
+    cases = [
+        (("--checkpoint", tmp_path / "missing.pt", "--out", out), "does not exist"),
+        (("--checkpoint", corrupt, "--out", out), "corrupt or truncated"),
+        (("--checkpoint", garbage, "--out", out), "garbage.pt"),
+        (("--checkpoint", foreign, "--out", out), "not a checkpoint of this project"),
+        (("--checkpoint", wrong, "--out", out), "cannot rebuild G"),
+        (("--checkpoint", checkpoint, "--out", out, "--layer", "G32"), "its attention layers are G8, G16"),
+        (("--checkpoint", checkpoint, "--out", out, "--pixel", "32,0"), "x must be in 0..31"),
+        (("--checkpoint", checkpoint, "--out", out, "--layer", "G8", "--cell", "8,0"), "outside the 8x8 map"),
+        (("--checkpoint", checkpoint, "--out", tmp_path / "no" / "x.png"), "does not exist"),
+        (("--checkpoint", checkpoint), "nothing to do"),
+    ]
+    for args, expected in cases:
+        code, message = cli(*args)
+        assert code != 0 and expected in message and "\n" not in message, (args, message)
+    assert not out.exists()
+    # the same through a real process: one line on stderr, no traceback
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "visualize_attn.py"), "--checkpoint",
+                        corrupt, "--out", out], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "corrupt" in r.stderr
+
+
+def test_committed_notebook_has_no_outputs_and_builds_no_model():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+    source = "\n".join(c.source for c in code)
+    assert "Generator(" not in source and "load_state_dict" not in source
+    assert "SAGAN_CHECKPOINT" in source
+
+
+def test_notebook_executes_headless(checkpoint, tmp_path, monkeypatch):
+    from nbclient import NotebookClient
+
+    # a kernel spec of this very interpreter, so the test needs no installed kernel
+    spec_dir = tmp_path / "jupyter" / "kernels" / "sagan-test"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps(dict(
+        argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        display_name="sagan test", language="python")))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("SAGAN_CHECKPOINT", checkpoint)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="sagan-test",
+                   resources={"metadata": {"path": ROOT}}).execute()
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "32px generator at step 4, z_dim 16" in text
+    pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) >= 6  # five figures and the explorer's still image
+    table = [o for o in outputs if "text/markdown" in o.get("data", {})]
+    assert table and "| G16 |" in table[0]["data"]["text/markdown"]
+    explorer = nb.cells[-1].outputs
+    assert any({"application/vnd.jupyter.widget-view+json", "image/png"} <= set(o.get("data", {}))
+               for o in explorer)

@@ -1,0 +1,145 @@
+"""Where does a pixel of a generated image look? SAGAN attention figures and statistics from a
+checkpoint, headless (PNG out, no display needed).
+
+    python visualize_attn.py --checkpoint models/quick/latest.pt --out attn.png
+    python visualize_attn.py --checkpoint models/quick/latest.pt --view layers --pixel 12,10 --out layers.png
+    python visualize_attn.py --checkpoint models/quick/latest.pt --view grid --seeds 0-7 --out grid.png
+    python visualize_attn.py --checkpoint models/quick/latest.pt --table
+
+Views: query (the seed README's figure for one layer), layers (every layer side by side), queries
+(several colour-coded queries, the SAGAN paper's Figure 1), grid (one query across many images),
+saliency (attention each key receives). A query is an image pixel --pixel X,Y (x right, y down,
+from 0) or a feature cell of --layer, --cell ROW,COL.
+"""
+import argparse
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never needs a display
+
+import attention_viz as av  # noqa: E402
+from checkpoint import CheckpointError  # noqa: E402
+
+VIEWS = ("query", "layers", "queries", "grid", "saliency")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
+
+
+def int_pair(text):
+    try:
+        a, b = (int(t) for t in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not two integers like 12,10") from None
+    return a, b
+
+
+def seed_list(text):
+    """'0-7' -> [0..7]; '3,5,9' -> [3, 5, 9]."""
+    try:
+        if "-" in text.strip("-"):
+            lo, hi = (int(t) for t in text.split("-"))
+            if hi < lo:
+                raise ValueError
+            return list(range(lo, hi + 1))
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed list like 0-7 or 3,5,9") from None
+
+
+def build_parser():
+    p = Parser(prog="visualize_attn.py", description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--checkpoint", required=True, help="a checkpoint of this project, e.g. models/quick/latest.pt")
+    a("--out", help="PNG file for the figure (not needed with --table alone)")
+    a("--view", choices=VIEWS, default="query")
+    a("--seed", type=int, default=0, help="seed of the generated image (z = randn from this seed)")
+    a("--seeds", type=seed_list, default=list(range(8)), help="images of --view grid, e.g. 0-7")
+    a("--layer", help="attention layer, e.g. G16 or D8 (default: the generator's largest)")
+    a("--pixel", type=int_pair, action="append", metavar="X,Y",
+      help="query as an image pixel (default: about a face's left eye); repeat for --view queries")
+    a("--cell", type=int_pair, metavar="ROW,COL", help="query as a feature cell of --layer")
+    a("--topk", type=int, default=av.TOPK, help="top attended locations marked")
+    a("--upsample", choices=["nearest", "bilinear"], default="nearest",
+      help="map over the image: nearest = the layer's true blocks (default), bilinear = smooth")
+    a("--channel", type=int, help="feature panel shows this channel (default: mean over channels)")
+    a("--with_d", action="store_true", help="include the discriminator's attention layers")
+    a("--d_image", help="an image file D attends over (default: the generated image); implies --with_d")
+    a("--center_crop", type=int, default=160, help="crop for --d_image as in training (0: largest square)")
+    a("--table", action="store_true", help="print per-layer statistics over many images and queries")
+    a("--table_images", type=int, default=16, help="generated images for --table")
+    a("--table_queries", type=int, default=64, help="random query cells per layer for --table")
+    a("--table_out", help="also write the --table markdown to this file")
+    a("--dpi", type=int, default=100)
+    a("--device", default="cpu", help="cpu, cuda or auto")
+    return p
+
+
+def check_args(args):
+    if not args.out and not args.table:
+        raise ValueError("nothing to do: give --out FILE.png for a figure and/or --table")
+    for name in ("topk", "table_images", "table_queries", "dpi"):
+        if getattr(args, name) < (0 if name == "topk" else 1):
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.pixel and args.cell:
+        raise ValueError("give the query as --pixel X,Y or as --cell ROW,COL, not both")
+    if args.pixel and len(args.pixel) > 1 and args.view != "queries":
+        raise ValueError("several --pixel are for --view queries")
+    if args.cell and args.view in ("layers", "queries"):
+        raise ValueError(f"--view {args.view} takes image pixels (--pixel X,Y): cells differ per layer")
+    for path in filter(None, (args.out, args.table_out)):
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"cannot write {path!r}: folder {folder!r} does not exist")
+    if args.out and not args.out.lower().endswith((".png", ".pdf", ".svg", ".jpg")):
+        raise ValueError(f"--out {args.out!r}: use a .png (or .pdf, .svg, .jpg) file name")
+
+
+def make_figure(ex, args, d_image):
+    pixel = args.pixel[0] if args.pixel else None
+    if args.view != "queries" and pixel is None and args.cell is None:
+        pixel = ex.default_pixel()
+    if args.view == "query":
+        return ex.query_figure(args.seed, args.layer, pixel, args.cell, args.topk, args.upsample,
+                               args.channel, d_image)
+    if args.view == "layers":
+        return ex.layers_figure(args.seed, pixel, None, args.topk, args.upsample, d_image)
+    if args.view == "queries":
+        return ex.queries_figure(args.seed, args.layer, args.pixel, args.topk, args.upsample)
+    if args.view == "grid":
+        return ex.grid_figure(args.seeds, args.layer, pixel, args.cell, args.topk,
+                              upsample=args.upsample)
+    return ex.saliency_figure(args.seed)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        from utils import pick_device
+        device = pick_device(args.device)
+        ex = av.Explorer.from_checkpoint(args.checkpoint, device, with_d=args.with_d or bool(args.d_image))
+        if not ex.layers:
+            raise ValueError(f"{args.checkpoint!r} has no attention layers (trained with --g_attn none)")
+        d_image = av.load_image(args.d_image, ex.imsize, args.center_crop) if args.d_image else None
+        print(ex.describe())
+        if args.out:
+            fig, _ = make_figure(ex, args, d_image)
+            av.save_figure(fig, args.out, dpi=args.dpi)
+            print(f"wrote {args.out}")
+        if args.table:
+            text, _ = ex.table(args.table_images, args.table_queries)
+            print(text)
+            if args.table_out:
+                with open(args.table_out, "w") as f:
+                    f.write(text + "\n")
+    except (ValueError, CheckpointError) as e:
+        sys.exit(f"visualize_attn.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
