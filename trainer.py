@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from checkpoint import CheckpointError, ckpt_name, list_checkpoints, load_checkpoint, save_checkpoint
+from checkpoint import (CheckpointError, atomic_write_text, ckpt_name, list_checkpoints, load_checkpoint,
+                        remove_stale_temps, save_checkpoint)
 from data_loader import training_batches
+from safety import Diverged, FiniteWatch, Interrupted, StopSignals, params_finite
 from sagan_models import Discriminator, Generator
-from utils import denorm, exists, pick_device, rng_state, seed_everything, set_rng_state
+from utils import default, denorm, exists, pick_device, rng_state, seed_everything, set_rng_state
 
 ARCH_KEYS = ("imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_attn", "d_attn")
 
@@ -45,6 +47,14 @@ def gradient_penalty(D, real, fake):
 D_LOSSES = {"hinge": d_hinge, "wgan-gp": d_wasserstein}
 
 
+def parse_record(line):
+    """One metrics.jsonl line as a dict; None for the half-written last line a kill can leave."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def gammas(G, D):
     """{'gamma/G16': ..., 'gamma/D8': ...}: how much each attention layer contributes."""
     out = {f"gamma/G{r}": m.gamma.item() for r, m in G.attn.items()}
@@ -69,6 +79,8 @@ class Trainer:
         g = torch.Generator().manual_seed(config.seed)
         self.fixed_z = torch.randn(config.n_samples, config.z_dim, generator=g).to(self.device)
         self.step = 0
+        self.watch = FiniteWatch(self.device)
+        self.last_saved = None  # (step, path) of the newest checkpoint known to be good
 
         if config.resume or exists(config.pretrained_model):
             self.resume()
@@ -85,7 +97,28 @@ class Trainer:
                     fixed_z=self.fixed_z.cpu(), rng=rng_state())
 
     def save(self):
-        return save_checkpoint(self.state(), self.run_dir, self.config.keep_last)
+        """Save the current step, unless a loss or a weight went NaN/Inf: a diverged state never
+        replaces a good checkpoint. A failed write (full disk) leaves latest.pt as it was."""
+        bad = self.watch.bad_step()
+        if exists(bad) or not params_finite(self.G, self.D):
+            raise self.diverged(default(bad, self.step))
+        try:
+            path = save_checkpoint(self.state(), self.run_dir, self.config.keep_last)
+        except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as RuntimeError
+            kept = (f"{self.run_dir}/latest.pt still holds step {self.last_saved[0]}"
+                    if self.last_saved else "no earlier checkpoint of this run")
+            raise CheckpointError(
+                f"could not write the step-{self.step} checkpoint in {self.run_dir!r} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); {kept}. Free disk space "
+                f"(or lower --keep_last) and continue with --resume") from None
+        self.last_saved = (self.step, path)
+        return path
+
+    def diverged(self, step):
+        good = (f"the last good checkpoint is {self.last_saved[1]} (step {self.last_saved[0]})"
+                if self.last_saved else "no checkpoint of this run was saved before it")
+        return Diverged(f"training diverged: a loss or weight became NaN/Inf at step {step}; "
+                        f"nothing was saved after it, {good}")
 
     def resume(self):
         cfg = self.config
@@ -110,9 +143,13 @@ class Trainer:
         self.D.load_state_dict(ckpt["D"])
         self.opt_g.load_state_dict(ckpt["opt_g"])
         self.opt_d.load_state_dict(ckpt["opt_d"])
+        for opt, lr in ((self.opt_g, cfg.g_lr), (self.opt_d, cfg.d_lr)):
+            for group in opt.param_groups:  # the command line wins: a lower lr after a divergence
+                group["lr"] = lr
         self.fixed_z = ckpt["fixed_z"].to(self.device)
         self.step = ckpt["step"]
         set_rng_state(ckpt["rng"])
+        self.last_saved = (self.step, path)
         self._start_metrics(keep_until=self.step)
         print(f"resumed from {path} at step {self.step}")
 
@@ -120,14 +157,14 @@ class Trainer:
     def _start_metrics(self, keep_until=None):
         """Open metrics.jsonl; on resume drop lines past the checkpoint (those steps run again)."""
         os.makedirs(self.run_dir, exist_ok=True)
+        remove_stale_temps(self.run_dir)
         self.history = []
         if exists(keep_until) and os.path.exists(self.metrics_path):
             with open(self.metrics_path) as f:
-                self.history = [r for r in map(json.loads, f) if r["step"] <= keep_until]
-        with open(self.metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.history)
-        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-            json.dump(vars(self.config), f, indent=2)
+                self.history = [r for r in map(parse_record, f) if r and r["step"] <= keep_until]
+        # rewritten by rename: a kill in the middle must not lose the history
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
+        atomic_write_text(os.path.join(self.run_dir, "config.json"), json.dumps(vars(self.config), indent=2))
 
     def attach_dashboard(self, dashboard):
         """Show the run so far (a resumed run's whole curve) on a Dashboard, then every new value."""
@@ -166,48 +203,56 @@ class Trainer:
         sums, n_sums, tick = {}, 0, time.time()
         last_saved = None
 
-        while self.step < cfg.total_step:
-            real = next(batches).to(device, non_blocking=True)
-            B = real.shape[0]
+        with StopSignals() as stop:  # Ctrl-C / SIGTERM only raise a flag, checked between steps
+            while self.step < cfg.total_step:
+                real = next(batches).to(device, non_blocking=True)
+                B = real.shape[0]
 
-            # ================== D step: push D(real) up, D(G(z)) down ================== #
-            with torch.no_grad():
-                fake = G(torch.randn(B, cfg.z_dim, device=device))
-            d_loss_real, d_loss_fake = d_objective(D(real), D(fake))
-            d_loss = d_loss_real + d_loss_fake
-            losses = dict(d_loss_real=d_loss_real, d_loss_fake=d_loss_fake)
-            if cfg.adv_loss == "wgan-gp":
-                losses["d_gp"] = gradient_penalty(D, real, fake)
-                d_loss = d_loss + cfg.lambda_gp * losses["d_gp"]
-            self.opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self.opt_d.step()
+                # ================== D step: push D(real) up, D(G(z)) down ================== #
+                with torch.no_grad():
+                    fake = G(torch.randn(B, cfg.z_dim, device=device))
+                d_loss_real, d_loss_fake = d_objective(D(real), D(fake))
+                d_loss = d_loss_real + d_loss_fake
+                losses = dict(d_loss_real=d_loss_real, d_loss_fake=d_loss_fake)
+                if cfg.adv_loss == "wgan-gp":
+                    losses["d_gp"] = gradient_penalty(D, real, fake)
+                    d_loss = d_loss + cfg.lambda_gp * losses["d_gp"]
+                self.opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                self.opt_d.step()
 
-            # ================== G step: fresh z, push D(G(z)) up ================== #
-            D.requires_grad_(False)  # D's gradients here would be thrown away
-            g_loss = g_adversarial(D(G(torch.randn(B, cfg.z_dim, device=device))))
-            self.opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            self.opt_g.step()
-            D.requires_grad_(True)
-            self.step += 1
+                # ================== G step: fresh z, push D(G(z)) up ================== #
+                D.requires_grad_(False)  # D's gradients here would be thrown away
+                g_loss = g_adversarial(D(G(torch.randn(B, cfg.z_dim, device=device))))
+                self.opt_g.zero_grad(set_to_none=True)
+                g_loss.backward()
+                self.opt_g.step()
+                D.requires_grad_(True)
+                self.step += 1
 
-            # ================== log / sample / save ================== #
-            losses.update(d_loss=d_loss, g_loss=g_loss)
-            for k, v in losses.items():  # summed on device: no sync until a log step
-                sums[k] = sums.get(k, 0.0) + v.detach()
-            n_sums += 1
-            if self.step % cfg.log_step == 0 or self.step == cfg.total_step:
-                now = time.time()
-                record = {"step": self.step, **{k: (v / n_sums).item() for k, v in sums.items()},
-                          **gammas(G, D), "it_s": n_sums / (now - tick), "time": now}
-                self.log(record)
-                print(status_line(record, cfg.total_step), flush=True)
-                sums, n_sums, tick = {}, 0, time.time()
-            if self.step % cfg.sample_step == 0 or self.step == cfg.total_step:
-                self.sample()
-            if self.step % cfg.model_save_step == 0 or self.step == cfg.total_step:
-                last_saved = self.save()
+                # ================== log / sample / save ================== #
+                losses.update(d_loss=d_loss, g_loss=g_loss)
+                for k, v in losses.items():  # summed on device: no sync until a log step
+                    sums[k] = sums.get(k, 0.0) + v.detach()
+                n_sums += 1
+                self.watch.update(self.step, losses)  # also on device; read at log and save
+                if self.step % cfg.log_step == 0 or self.step == cfg.total_step:
+                    now = time.time()
+                    record = {"step": self.step, **{k: (v / n_sums).item() for k, v in sums.items()},
+                              **gammas(G, D), "it_s": n_sums / (now - tick), "time": now}
+                    self.log(record)
+                    print(status_line(record, cfg.total_step), flush=True)
+                    sums, n_sums, tick = {}, 0, time.time()
+                    if exists(self.watch.bad_step()):
+                        raise self.diverged(self.watch.bad_step())
+                if self.step % cfg.sample_step == 0 or self.step == cfg.total_step:
+                    self.sample()
+                if self.step % cfg.model_save_step == 0 or self.step == cfg.total_step:
+                    last_saved = self.save()
+                if stop.signum and self.step < cfg.total_step:
+                    if not (self.last_saved and self.last_saved[0] == self.step):
+                        self.save()
+                    raise Interrupted(stop.signum, self.step, self.last_saved[1])
         return last_saved
 
 
