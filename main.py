@@ -193,12 +193,17 @@ def main(argv=None):
     except Diverged as e:
         hint = ""
         if trainer.last_saved:
-            hint = (f"; continue from it with lower learning rates: "
-                    f"{resume_command(args, f'--pretrained_model {trainer.last_saved[0]}')} "
-                    f"--g_lr {config.g_lr / 2:g} --d_lr {config.d_lr / 2:g}")
+            hint = "; continue from it with lower learning rates: " + resume_command(
+                args, "--pretrained_model", str(trainer.last_saved[0]),
+                "--g_lr", f"{config.g_lr / 2:g}", "--d_lr", f"{config.d_lr / 2:g}")
         sys.exit(f"main.py: error: {e}{hint}")
     except CheckpointError as e:
         sys.exit(f"main.py: error: {e}")
+    except OSError as e:  # e.g. a full disk while appending to metrics.jsonl or writing a sample
+        kept = f"{trainer.last_saved[1]} (step {trainer.last_saved[0]})" if trainer.last_saved else "none"
+        sys.exit(f"main.py: error: could not write {e.filename or 'a file'!r} at step {trainer.step} "
+                 f"({e.strerror or e}); last checkpoint: {kept}, intact. Fix that, then continue: "
+                 f"{resume_command(args)}")
     finally:
         if dashboard:
             dashboard.close()

@@ -1,8 +1,9 @@
 """What stops a run without losing it: stop signals and non-finite losses.
 
 - `StopSignals`: SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) only raise a flag; the loop
-  finishes its step, saves, and exits with 128 + signal number. Further signals while it saves are
-  reported and ignored, so nothing can cut a checkpoint write short.
+  finishes its step, saves, and exits with 128 + signal number. Further signals while it saves and
+  exits are reported and ignored, so nothing can cut a checkpoint write short (and if SIGKILL does,
+  the write is atomic: latest.pt still names the previous complete checkpoint).
 - `FiniteWatch`: remembers on the device the first step whose losses were NaN/Inf, so the loop
   checks every step without a host sync, and syncs only when it logs or is about to save.
 """
@@ -44,9 +45,9 @@ class StopSignals:
         if self.signum is None:
             self.signum = signum
             print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                  f"(wait for it; a second signal is ignored)", file=sys.stderr, flush=True)
+                  f"(wait for it; more signals are ignored)", file=sys.stderr, flush=True)
         else:
-            print(f"{signal.Signals(signum).name} again: still saving, please wait",
+            print(f"{signal.Signals(signum).name} again: already stopping, saving first; please wait",
                   file=sys.stderr, flush=True)
 
     def __enter__(self):
@@ -56,9 +57,10 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
+        if self.signum is None:  # once stopping, keep ignoring: a late Ctrl-C must not turn the
+            for s, handler in self._previous.items():  # clean exit into a traceback
+                signal.signal(s, handler)
+            self._previous = {}
         return False
 
 
@@ -85,17 +87,22 @@ def params_finite(*modules):
     return bool(torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all())
 
 
-def resume_command(argv, extra="--resume"):
-    """The command that continues this run: the same flags, minus any resume flags, plus `extra`."""
-    def is_flag(a, flag):  # argparse also takes unambiguous prefixes: --res, --pretrained
-        return len(a) > 4 and flag.startswith(a.split("=")[0])
+def resume_command(argv, *extra):
+    """`python main.py` with this run's flags and `extra` (default --resume) replacing any same flag;
+    the flags that pick a checkpoint (--resume, --pretrained_model) are always replaced."""
+    extra = list(extra) or ["--resume"]
+    drop = {"--resume", "--pretrained_model"} | {a for a in extra if a.startswith("--")}
 
-    kept, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif is_flag(a, "--pretrained_model"):
-            skip = "=" not in a
-        elif not is_flag(a, "--resume"):
-            kept.append(a)
-    return shlex.join(["python", "main.py", *kept, *extra.split()])
+    def dropped(arg):  # argparse also takes unambiguous prefixes (--res, --pretrained)
+        name = arg.split("=")[0]
+        return next((f for f in drop if len(name) > 4 and f.startswith(name)), None)
+
+    kept, i = [], 0
+    while i < len(argv):
+        flag = dropped(argv[i]) if argv[i].startswith("--") else None
+        if flag is None:
+            kept.append(argv[i])
+        elif flag != "--resume" and "=" not in argv[i]:
+            i += 1  # its value goes too
+        i += 1
+    return shlex.join(["python", "main.py", *kept, *extra])

@@ -5,6 +5,7 @@
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -107,10 +108,11 @@ class Trainer:
         except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as RuntimeError
             kept = (f"{self.run_dir}/latest.pt still holds step {self.last_saved[0]}"
                     if self.last_saved else "no earlier checkpoint of this run")
+            free = shutil.disk_usage(self.run_dir).free / 2**20  # torch's error hides the errno
             raise CheckpointError(
                 f"could not write the step-{self.step} checkpoint in {self.run_dir!r} "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); {kept}. Free disk space "
-                f"(or lower --keep_last) and continue with --resume") from None
+                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}; {free:.0f} MiB free there); "
+                f"{kept}. Free disk space (or use --keep_last) and continue with --resume") from None
         self.last_saved = (self.step, path)
         return path
 
@@ -149,7 +151,8 @@ class Trainer:
         self.fixed_z = ckpt["fixed_z"].to(self.device)
         self.step = ckpt["step"]
         set_rng_state(ckpt["rng"])
-        self.last_saved = (self.step, path)
+        own_file = os.path.join(self.run_dir, ckpt_name(self.step))  # what latest.pt links to
+        self.last_saved = (self.step, own_file if os.path.isfile(own_file) else path)
         self._start_metrics(keep_until=self.step)
         print(f"resumed from {path} at step {self.step}")
 
