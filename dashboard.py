@@ -18,6 +18,8 @@ except ImportError:  # the dashboard is optional; main.py says so when asked for
 
 POST_TIMEOUT_S = 5.0
 RETRY_S = 2.0
+MIN_SYNC_S = 0.5  # at most ~2 passes a second: with --log_step 1 a pass per step would cost
+                  # a request per window per step, CPU the training loop shares
 
 
 class _Line:
@@ -93,6 +95,8 @@ class Dashboard:
                 warned = False
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
+                if not self._stop:
+                    time.sleep(MIN_SYNC_S)  # let values pile up: one request carries them all
             except Exception as e:  # any failure: redraw everything once the server is back
                 if not warned:
                     where = f"{self.server}:{self.port}"
