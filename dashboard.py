@@ -18,8 +18,9 @@ except ImportError:  # the dashboard is optional; main.py says so when asked for
 
 POST_TIMEOUT_S = 5.0
 RETRY_S = 2.0
-MIN_SYNC_S = 0.5  # at most ~2 passes a second: with --log_step 1 a pass per step would cost
-                  # a request per window per step, CPU the training loop shares
+# At most one pass per MIN_SYNC_S: each append makes visdom's server deep-copy and diff the whole
+# window (O(points)), so a pass per log step costs a CPU core on the server as curves grow.
+MIN_SYNC_S = 2.0
 
 
 class _Line:

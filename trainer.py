@@ -199,6 +199,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self):
+        """Train to --total_step; Ctrl-C / SIGTERM stop it at a step boundary, saved (Interrupted)."""
+        with StopSignals() as self.stop:  # the handlers only raise a flag, read between steps
+            return self._train()
+
+    def _train(self):
         cfg, G, D, device = self.config, self.G, self.D, self.device
         d_objective = D_LOSSES[cfg.adv_loss]
         batches = training_batches(self.dataset, cfg, start_step=self.step)
@@ -206,56 +211,55 @@ class Trainer:
         sums, n_sums, tick = {}, 0, time.time()
         last_saved = None
 
-        with StopSignals() as stop:  # Ctrl-C / SIGTERM only raise a flag, checked between steps
-            while self.step < cfg.total_step:
-                real = next(batches).to(device, non_blocking=True)
-                B = real.shape[0]
+        while self.step < cfg.total_step:
+            real = next(batches).to(device, non_blocking=True)
+            B = real.shape[0]
 
-                # ================== D step: push D(real) up, D(G(z)) down ================== #
-                with torch.no_grad():
-                    fake = G(torch.randn(B, cfg.z_dim, device=device))
-                d_loss_real, d_loss_fake = d_objective(D(real), D(fake))
-                d_loss = d_loss_real + d_loss_fake
-                losses = dict(d_loss_real=d_loss_real, d_loss_fake=d_loss_fake)
-                if cfg.adv_loss == "wgan-gp":
-                    losses["d_gp"] = gradient_penalty(D, real, fake)
-                    d_loss = d_loss + cfg.lambda_gp * losses["d_gp"]
-                self.opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                self.opt_d.step()
+            # ================== D step: push D(real) up, D(G(z)) down ================== #
+            with torch.no_grad():
+                fake = G(torch.randn(B, cfg.z_dim, device=device))
+            d_loss_real, d_loss_fake = d_objective(D(real), D(fake))
+            d_loss = d_loss_real + d_loss_fake
+            losses = dict(d_loss_real=d_loss_real, d_loss_fake=d_loss_fake)
+            if cfg.adv_loss == "wgan-gp":
+                losses["d_gp"] = gradient_penalty(D, real, fake)
+                d_loss = d_loss + cfg.lambda_gp * losses["d_gp"]
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
 
-                # ================== G step: fresh z, push D(G(z)) up ================== #
-                D.requires_grad_(False)  # D's gradients here would be thrown away
-                g_loss = g_adversarial(D(G(torch.randn(B, cfg.z_dim, device=device))))
-                self.opt_g.zero_grad(set_to_none=True)
-                g_loss.backward()
-                self.opt_g.step()
-                D.requires_grad_(True)
-                self.step += 1
+            # ================== G step: fresh z, push D(G(z)) up ================== #
+            D.requires_grad_(False)  # D's gradients here would be thrown away
+            g_loss = g_adversarial(D(G(torch.randn(B, cfg.z_dim, device=device))))
+            self.opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            self.opt_g.step()
+            D.requires_grad_(True)
+            self.step += 1
 
-                # ================== log / sample / save ================== #
-                losses.update(d_loss=d_loss, g_loss=g_loss)
-                for k, v in losses.items():  # summed on device: no sync until a log step
-                    sums[k] = sums.get(k, 0.0) + v.detach()
-                n_sums += 1
-                self.watch.update(self.step, losses)  # also on device; read at log and save
-                if self.step % cfg.log_step == 0 or self.step == cfg.total_step:
-                    now = time.time()
-                    record = {"step": self.step, **{k: (v / n_sums).item() for k, v in sums.items()},
-                              **gammas(G, D), "it_s": n_sums / (now - tick), "time": now}
-                    self.log(record)
-                    print(status_line(record, cfg.total_step), flush=True)
-                    sums, n_sums, tick = {}, 0, time.time()
-                    if exists(self.watch.bad_step()):
-                        raise self.diverged(self.watch.bad_step())
-                if self.step % cfg.sample_step == 0 or self.step == cfg.total_step:
-                    self.sample()
-                if self.step % cfg.model_save_step == 0 or self.step == cfg.total_step:
-                    last_saved = self.save()
-                if stop.signum and self.step < cfg.total_step:
-                    if not (self.last_saved and self.last_saved[0] == self.step):
-                        self.save()
-                    raise Interrupted(stop.signum, self.step, self.last_saved[1])
+            # ================== log / sample / save ================== #
+            losses.update(d_loss=d_loss, g_loss=g_loss)
+            for k, v in losses.items():  # summed on device: no sync until a log step
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            n_sums += 1
+            self.watch.update(self.step, losses)  # also on device; read at log and save
+            if self.step % cfg.log_step == 0 or self.step == cfg.total_step:
+                now = time.time()
+                record = {"step": self.step, **{k: (v / n_sums).item() for k, v in sums.items()},
+                          **gammas(G, D), "it_s": n_sums / (now - tick), "time": now}
+                self.log(record)
+                print(status_line(record, cfg.total_step), flush=True)
+                sums, n_sums, tick = {}, 0, time.time()
+                if exists(bad := self.watch.bad_step()):  # no extra sync: the record just synced
+                    raise self.diverged(bad)
+            if self.step % cfg.sample_step == 0 or self.step == cfg.total_step:
+                self.sample()
+            if self.step % cfg.model_save_step == 0 or self.step == cfg.total_step:
+                last_saved = self.save()
+            if self.stop.signum and self.step < cfg.total_step:
+                if not (self.last_saved and self.last_saved[0] == self.step):
+                    self.save()
+                raise Interrupted(self.stop.signum, self.step, self.last_saved[1])
         return last_saved
 
 

@@ -167,7 +167,7 @@ def server():
 
 # ----------------------------------------------------------------------------- 1. SIGKILL
 
-KILL_SECONDS = float(os.environ.get("SAFETY_KILL_SECONDS", 15))  # longer for a report's numbers
+KILL_SECONDS = float(os.environ.get("SAFETY_KILL_SECONDS", 10))  # longer for a report's numbers
 
 
 def test_sigkill_at_random_moments_latest_always_loads_and_resume_continues(tmp_path, server):
@@ -564,7 +564,7 @@ def test_full_tmpfs_during_save_fails_loudly_and_keeps_latest(tmp_path, server):
 
 # ----------------------------------------------------------------------------- 6. visdom outages
 
-PHASE_S = float(os.environ.get("SAFETY_VISDOM_PHASE_S", 3))  # longer for a report's numbers
+PHASE_S = float(os.environ.get("SAFETY_VISDOM_PHASE_S", 2))  # longer for a report's numbers
 
 
 def start_visdom(port, env_path, log):
