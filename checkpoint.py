@@ -15,6 +15,7 @@ import torch
 from sagan_models import Generator
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+TEMP_RE = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_save / point_latest temporaries: .<name>.tmp<pid>
 
 
 class CheckpointError(Exception):
@@ -56,6 +57,44 @@ def atomic_save(obj, path):
     _fsync_dir(folder)
 
 
+def atomic_write_text(path, text):
+    """Replace a small text file (metrics, config) so that a kill leaves the old or the new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(run_dir):
+    """Delete temporaries a killed run left behind (each can be a whole checkpoint's worth of disk);
+    never those of a live process."""
+    for name in os.listdir(run_dir):
+        m = TEMP_RE.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(run_dir, name))
+            except FileNotFoundError:
+                pass
+
+
 def point_latest(run_dir, path):
     """Make run_dir/latest.pt the file at `path` (hard link, else copy), replaced atomically."""
     latest = os.path.join(run_dir, "latest.pt")
@@ -75,13 +114,15 @@ def point_latest(run_dir, path):
 
 def save_checkpoint(state, run_dir, keep_last=0):
     """Write run_dir/ckpt_<step>.pt and point latest.pt at it; keep only the newest `keep_last`
-    step files when keep_last > 0 (latest.pt is a link of its own, so it survives)."""
+    step files when keep_last > 0, and never the file just written (after resuming from an older
+    step, files of later steps from the abandoned run can be 'newer' by name)."""
     path = os.path.join(run_dir, ckpt_name(state["step"]))
     atomic_save(state, path)
     point_latest(run_dir, path)
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            os.remove(old)
+            if old != path:
+                os.remove(old)
     return path
 
 
@@ -100,10 +141,14 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message opens with advice to retry with weights_only=False: exactly what a
+        # crafted file wants. Quote only the part that names what the file asked for.
+        found = (re.search(p, str(e)) for p in (r"GLOBAL [\w.]+", r"Unsupported [^\n.]+"))
+        asked = next((m.group(0) for m in found if m), "not a weights-only file")
         raise CheckpointError(
             f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
-            f"containers, which could run code when unpickled ({str(e).splitlines()[0][:120]}); "
-            f"load only checkpoints written by this project") from None
+            f"containers, which could run code when unpickled ({asked}); nothing in it was run. "
+            f"Load only checkpoints written by this project") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None

@@ -28,6 +28,9 @@ except ImportError:  # the dashboard is optional; main.py says so when asked for
 
 POST_TIMEOUT_S = 5.0
 RETRY_S = 2.0
+# At most one pass per MIN_SYNC_S: each append makes visdom's server deep-copy and diff the whole
+# window (O(points)), so a pass per log step costs a CPU core on the server as curves grow.
+MIN_SYNC_S = 2.0
 
 
 # ----------------------------------------------------------------------------- attention panel
@@ -213,6 +216,8 @@ class Dashboard:
                 warned = False
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
+                if not self._stop:
+                    time.sleep(MIN_SYNC_S)  # let values pile up: one request carries them all
             except Exception as e:  # any failure: redraw everything once the server is back
                 if not warned:  # once per outage, on one line
                     print(f"visdom: no dashboard at {self.server}:{self.port} ({type(e).__name__}); "

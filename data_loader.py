@@ -6,9 +6,12 @@
   rules a convolution alone gets wrong easily: both eyes share one random colour and sit
   symmetrically about the face's axis; the hair is one colour all around the face.
 - `training_batches`: endless batches whose order is a pure function of (seed, step), so a resumed
-  run sees exactly the batches the uninterrupted run would have.
+  run sees exactly the batches the uninterrupted run would have. An unreadable file (truncated,
+  corrupt, not an image, empty) is replaced by the next readable one and named once in a warning.
 """
 import os
+import signal
+import warnings
 
 import numpy as np
 import torch
@@ -46,7 +49,21 @@ def center_crop_resize(img, imsize, crop):
     return img.resize((imsize, imsize), Image.BICUBIC, reducing_gap=None)
 
 
+def read_rgb(path):
+    """Decode an image file fully into an RGB PIL image (grayscale, RGBA, palette, CMYK converted)."""
+    with Image.open(path) as img:
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
+        return img.convert("RGB")  # convert() decodes the whole file: truncation shows up here
+
+
+PROBE_FILES = 64  # files decoded at start: enough to tell a folder of images from one of junk
+
+
 class ImageFolderFlat(Dataset):
+    """Images under `root`. A file that fails to decode is replaced by the next readable file in
+    sorted order, so a bad file costs one duplicate, never a crash, and batches stay deterministic."""
+
     def __init__(self, root, imsize, crop=160):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist: {CELEBA_HINT}")
@@ -54,14 +71,43 @@ class ImageFolderFlat(Dataset):
         if not self.paths:
             raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {root!r}: {CELEBA_HINT}")
         self.root, self.imsize, self.crop = root, imsize, crop
+        self.probe()
+
+    def probe(self):
+        """Decode up to PROBE_FILES files spread over the folder (not all 200k of CelebA: seconds,
+        not minutes); a folder where none decodes is an error now, before any model is built."""
+        step = max(1, len(self.paths) // PROBE_FILES)
+        failures = []
+        for path in self.paths[::step][:PROBE_FILES]:
+            try:
+                read_rgb(path)
+                return
+            except Exception as e:  # PIL's decoders raise many types; any of them = unreadable
+                failures.append((path, e))
+        path, e = failures[0]
+        raise FileNotFoundError(f"none of the {len(failures)} files tried under {self.root!r} is a "
+                                f"readable image (e.g. {path!r}: {type(e).__name__}: {e}); "
+                                f"check the folder's contents or pass another --image_path")
 
     def __len__(self):
         return len(self.paths)
 
+    def load(self, i):
+        return to_tensor(center_crop_resize(read_rgb(self.paths[i]), self.imsize, self.crop))
+
+    def checked_item(self, i):
+        """(image, [(path, reason) of files skipped to find it])."""
+        skipped = []
+        for k in range(len(self.paths)):
+            j = (i + k) % len(self.paths)
+            try:
+                return self.load(j), skipped
+            except Exception as e:  # a corrupt file must not end a run: see class docstring
+                skipped.append((self.paths[j], f"{type(e).__name__}: {e}"))
+        raise RuntimeError(f"no file under {self.root!r} is a readable image any more")
+
     def __getitem__(self, i):
-        with Image.open(self.paths[i]) as img:
-            img = center_crop_resize(img.convert("RGB"), self.imsize, self.crop)
-            return to_tensor(img)
+        return self.checked_item(i)[0]
 
 
 # ----------------------------------------------------------------------------- built-in faces
@@ -151,10 +197,58 @@ class StepBatchSampler:
             epoch, b = epoch + 1, 0
 
 
+class _WithSkipped(Dataset):
+    """Items as (image, skipped files): the names of bad files travel with the batch, so the main
+    process learns them whichever worker process decoded them."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if hasattr(self.dataset, "checked_item"):
+            return self.dataset.checked_item(i)
+        return self.dataset[i], []
+
+
+def _collate(items):
+    images, skipped = zip(*items)
+    return torch.stack(images), [s for sk in skipped for s in sk]
+
+
+def _ignore_stop_signals(worker_id):
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: a worker that died of them
+    # would break the batch the main process needs to finish its step and save.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def training_batches(dataset, config, start_step=0):
-    """Endless iterator of image batches (B, 3, imsize, imsize), starting at `start_step`."""
+    """Endless iterator of image batches (B, 3, imsize, imsize), starting at `start_step`.
+
+    Each unreadable file is named once in a warning; the number met is reported at the end of every
+    epoch that met any."""
     sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start_step)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
-                        pin_memory=torch.cuda.is_available(),
-                        persistent_workers=config.num_workers > 0)
-    return iter(loader)
+    # DataLoader draws its workers' base seed from the global torch RNG unless given a generator:
+    # that extra draw at every (re)start would make a resumed run's noise differ from the original.
+    loader = DataLoader(_WithSkipped(dataset), batch_sampler=sampler, collate_fn=_collate,
+                        num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=config.num_workers > 0,
+                        generator=torch.Generator().manual_seed(config.seed),
+                        worker_init_fn=_ignore_stop_signals if config.num_workers > 0 else None)
+    warned, epoch_bad = set(), set()
+    for step, (images, skipped) in enumerate(loader, start=start_step + 1):
+        for path, reason in skipped:
+            epoch_bad.add(path)
+            if path not in warned:
+                warned.add(path)
+                warnings.warn(f"unreadable image {path!r} ({reason}); replaced by the next "
+                              f"readable file, training goes on", stacklevel=1)
+        if step % sampler.steps_per_epoch == 0 and epoch_bad:
+            print(f"epoch {step // sampler.steps_per_epoch}: {len(epoch_bad)} unreadable image "
+                  f"file(s) replaced ({len(warned)} in this run so far); remove or fix them",
+                  flush=True)
+            epoch_bad = set()
+        yield images

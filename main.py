@@ -11,6 +11,7 @@ import torch
 
 from checkpoint import CheckpointError
 from data_loader import make_dataset
+from safety import Diverged, Interrupted, resume_command
 from sagan_models import check_attn, check_imsize, default_attn
 from trainer import Trainer
 from utils import pick_device
@@ -184,8 +185,26 @@ def main(argv=None):
     print(f"data: {config.dataset}, {len(dataset)} images at {config.imsize}px | "
           f"run folder: {trainer.run_dir} | attention G {config.g_attn or 'none'}, D {config.d_attn or 'none'}")
     dashboard = None if config.no_visdom else make_dashboard(config, trainer)
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
         last = trainer.train()
+    except Interrupted as e:
+        print(f"stopped by {e}: saved {e.checkpoint}\ncontinue with: {resume_command(args)}", flush=True)
+        sys.exit(e.exit_code)
+    except Diverged as e:
+        hint = ""
+        if trainer.last_saved:
+            hint = "; continue from it with lower learning rates: " + resume_command(
+                args, "--pretrained_model", str(trainer.last_saved[0]),
+                "--g_lr", f"{config.g_lr / 2:g}", "--d_lr", f"{config.d_lr / 2:g}")
+        sys.exit(f"main.py: error: {e}{hint}")
+    except CheckpointError as e:
+        sys.exit(f"main.py: error: {e}")
+    except OSError as e:  # e.g. a full disk while appending to metrics.jsonl or writing a sample
+        kept = f"{trainer.last_saved[1]} (step {trainer.last_saved[0]})" if trainer.last_saved else "none"
+        sys.exit(f"main.py: error: could not write {e.filename or 'a file'!r} at step {trainer.step} "
+                 f"({e.strerror or e}); last checkpoint: {kept}, intact. Fix that, then continue: "
+                 f"{resume_command(args)}")
     finally:
         if dashboard:
             dashboard.close()

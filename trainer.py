@@ -5,16 +5,19 @@
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from checkpoint import CheckpointError, ckpt_name, list_checkpoints, load_checkpoint, save_checkpoint
+from checkpoint import (CheckpointError, atomic_write_text, ckpt_name, list_checkpoints, load_checkpoint,
+                        remove_stale_temps, save_checkpoint)
 from data_loader import training_batches
+from safety import Diverged, FiniteWatch, Interrupted, StopSignals, params_finite
 from sagan_models import Discriminator, Generator
-from utils import denorm, exists, pick_device, rng_state, seed_everything, set_rng_state
+from utils import default, denorm, exists, pick_device, rng_state, seed_everything, set_rng_state
 
 ARCH_KEYS = ("imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_attn", "d_attn")
 
@@ -45,6 +48,14 @@ def gradient_penalty(D, real, fake):
 D_LOSSES = {"hinge": d_hinge, "wgan-gp": d_wasserstein}
 
 
+def parse_record(line):
+    """One metrics.jsonl line as a dict; None for the half-written last line a kill can leave."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def gammas(G, D):
     """{'gamma/G16': ..., 'gamma/D8': ...}: how much each attention layer contributes."""
     out = {f"gamma/G{r}": m.gamma.item() for r, m in G.attn.items()}
@@ -69,6 +80,8 @@ class Trainer:
         g = torch.Generator().manual_seed(config.seed)
         self.fixed_z = torch.randn(config.n_samples, config.z_dim, generator=g).to(self.device)
         self.step = 0
+        self.watch = FiniteWatch(self.device)
+        self.last_saved = None  # (step, path) of the newest checkpoint known to be good
 
         if config.resume or exists(config.pretrained_model):
             self.resume()
@@ -85,7 +98,29 @@ class Trainer:
                     fixed_z=self.fixed_z.cpu(), rng=rng_state())
 
     def save(self):
-        return save_checkpoint(self.state(), self.run_dir, self.config.keep_last)
+        """Save the current step, unless a loss or a weight went NaN/Inf: a diverged state never
+        replaces a good checkpoint. A failed write (full disk) leaves latest.pt as it was."""
+        bad = self.watch.bad_step()
+        if exists(bad) or not params_finite(self.G, self.D):
+            raise self.diverged(default(bad, self.step))
+        try:
+            path = save_checkpoint(self.state(), self.run_dir, self.config.keep_last)
+        except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as RuntimeError
+            kept = (f"{self.run_dir}/latest.pt still holds step {self.last_saved[0]}"
+                    if self.last_saved else "no earlier checkpoint of this run")
+            free = shutil.disk_usage(self.run_dir).free / 2**20  # torch's error hides the errno
+            raise CheckpointError(
+                f"could not write the step-{self.step} checkpoint in {self.run_dir!r} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}; {free:.0f} MiB free there); "
+                f"{kept}. Free disk space (or use --keep_last) and continue with --resume") from None
+        self.last_saved = (self.step, path)
+        return path
+
+    def diverged(self, step):
+        good = (f"the last good checkpoint is {self.last_saved[1]} (step {self.last_saved[0]})"
+                if self.last_saved else "no checkpoint of this run was saved before it")
+        return Diverged(f"training diverged: a loss or weight became NaN/Inf at step {step}; "
+                        f"nothing was saved after it, {good}")
 
     def resume(self):
         cfg = self.config
@@ -110,9 +145,14 @@ class Trainer:
         self.D.load_state_dict(ckpt["D"])
         self.opt_g.load_state_dict(ckpt["opt_g"])
         self.opt_d.load_state_dict(ckpt["opt_d"])
+        for opt, lr in ((self.opt_g, cfg.g_lr), (self.opt_d, cfg.d_lr)):
+            for group in opt.param_groups:  # the command line wins: a lower lr after a divergence
+                group["lr"] = lr
         self.fixed_z = ckpt["fixed_z"].to(self.device)
         self.step = ckpt["step"]
         set_rng_state(ckpt["rng"])
+        own_file = os.path.join(self.run_dir, ckpt_name(self.step))  # what latest.pt links to
+        self.last_saved = (self.step, own_file if os.path.isfile(own_file) else path)
         self._start_metrics(keep_until=self.step)
         print(f"resumed from {path} at step {self.step}")
 
@@ -120,14 +160,14 @@ class Trainer:
     def _start_metrics(self, keep_until=None):
         """Open metrics.jsonl; on resume drop lines past the checkpoint (those steps run again)."""
         os.makedirs(self.run_dir, exist_ok=True)
+        remove_stale_temps(self.run_dir)
         self.history = []
         if exists(keep_until) and os.path.exists(self.metrics_path):
             with open(self.metrics_path) as f:
-                self.history = [r for r in map(json.loads, f) if r["step"] <= keep_until]
-        with open(self.metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.history)
-        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-            json.dump(vars(self.config), f, indent=2)
+                self.history = [r for r in map(parse_record, f) if r and r["step"] <= keep_until]
+        # rewritten by rename: a kill in the middle must not lose the history
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
+        atomic_write_text(os.path.join(self.run_dir, "config.json"), json.dumps(vars(self.config), indent=2))
 
     def attach_dashboard(self, dashboard):
         """Show the run so far (a resumed run's whole curve) on a Dashboard, then every new value."""
@@ -161,6 +201,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self):
+        """Train to --total_step; Ctrl-C / SIGTERM stop it at a step boundary, saved (Interrupted)."""
+        with StopSignals() as self.stop:  # the handlers only raise a flag, read between steps
+            return self._train()
+
+    def _train(self):
         cfg, G, D, device = self.config, self.G, self.D, self.device
         d_objective = D_LOSSES[cfg.adv_loss]
         batches = training_batches(self.dataset, cfg, start_step=self.step)
@@ -199,6 +244,7 @@ class Trainer:
             for k, v in losses.items():  # summed on device: no sync until a log step
                 sums[k] = sums.get(k, 0.0) + v.detach()
             n_sums += 1
+            self.watch.update(self.step, losses)  # also on device; read at log and save
             if self.step % cfg.log_step == 0 or self.step == cfg.total_step:
                 now = time.time()
                 record = {"step": self.step, **{k: (v / n_sums).item() for k, v in sums.items()},
@@ -206,10 +252,16 @@ class Trainer:
                 self.log(record)
                 print(status_line(record, cfg.total_step), flush=True)
                 sums, n_sums, tick = {}, 0, time.time()
+                if exists(bad := self.watch.bad_step()):  # no extra sync: the record just synced
+                    raise self.diverged(bad)
             if self.step % cfg.sample_step == 0 or self.step == cfg.total_step:
                 self.sample()
             if self.step % cfg.model_save_step == 0 or self.step == cfg.total_step:
                 last_saved = self.save()
+            if self.stop.signum and self.step < cfg.total_step:
+                if not (self.last_saved and self.last_saved[0] == self.step):
+                    self.save()
+                raise Interrupted(self.stop.signum, self.step, self.last_saved[1])
         return last_saved
 
 
