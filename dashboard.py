@@ -40,7 +40,7 @@ MIN_SYNC_S = 2.0
 FACE_QUERIES = (("left eye", 0.38, 0.49), ("right eye", 0.62, 0.49),
                 ("centre", 0.50, 0.62), ("mouth", 0.50, 0.74))
 
-PANEL_HEAD, PANEL_SIDE = 16, 40  # px above the tiles (query names), left of them (row names)
+PANEL_HEAD, PANEL_SIDE = 16, 48  # px above the tiles (query names), left of them (row names)
 
 # inferno-like colormap anchors (dark = no weight, light yellow = the map's maximum)
 _CMAP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)

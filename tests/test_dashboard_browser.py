@@ -135,9 +135,9 @@ def wait_for_panes(browser, ready, timeout=60.0):
                          f"{json.dumps(panes)[:2000]}")
 
 
-def screenshot_env(port, env, out, host="127.0.0.1", n_panes=4):
+def screenshot_env(port, env, out, host="127.0.0.1", n_panes=4, width=1400, height=900):
     """Open env `env` of the visdom server at host:port, wait for `n_panes` panes, save a PNG."""
-    browser = Chromium()
+    browser = Chromium(width, height)
     try:
         browser.call("Page.navigate", url=f"http://{host}:{port}/env/{env}")
         wait_for_panes(browser, lambda p: len(p) >= n_panes
@@ -236,7 +236,8 @@ def test_training_run_shows_on_the_dashboard_in_chromium(server, tmp_path):
     assert by_title["samples"]["image"] == [4 * 36, 4 * 36]
     # attention: a 112px tile per query (4) for the sample and G's 2 layers, 2px gaps, the labels
     # above and left, visdom's padding
-    assert by_title["attention"]["image"] == [40 + 4 * 114 - 2 + 4, 16 + 3 * 114 - 2 + 4]
+    from dashboard import PANEL_HEAD, PANEL_SIDE
+    assert by_title["attention"]["image"] == [PANEL_SIDE + 4 * 114 - 2 + 4, PANEL_HEAD + 3 * 114 - 2 + 4]
 
     # offline: everything the page asked for came from the local server
     assert urls and all(u.startswith((f"http://127.0.0.1:{port}/", "data:", f"ws://127.0.0.1:{port}/"))
@@ -255,8 +256,10 @@ def main(argv=None):
     p.add_argument("--env", required=True, help="the run's --version")
     p.add_argument("--out", default="dashboard.png")
     p.add_argument("--panes", type=int, default=4, help="wait until this many panes have rendered")
+    p.add_argument("--width", type=int, default=1400)
+    p.add_argument("--height", type=int, default=900)
     args = p.parse_args(argv)
-    screenshot_env(args.port, args.env, args.out, args.host, args.panes)
+    screenshot_env(args.port, args.env, args.out, args.host, args.panes, args.width, args.height)
     print(f"saved {args.out}")
 
 
