@@ -19,7 +19,7 @@ from utils import pick_device
 PRESETS = {
     # the quick start: built-in faces on a laptop CPU, leaves a checkpoint, samples and metrics
     "quick": dict(dataset="synthetic", imsize=32, batch_size=32, g_conv_dim=32, d_conv_dim=32,
-                  total_step=800, log_step=20, sample_step=100, model_save_step=200,
+                  total_step=1500, log_step=20, sample_step=100, model_save_step=200,
                   version="quick", num_workers=0),
 }
 
