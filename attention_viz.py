@@ -647,7 +647,9 @@ class Explorer:
     """A generator (and optionally a discriminator) with a cache of the runs it has made.
 
     Queries are image pixels (x, y) or, with `cell=`, feature cells of the named layer. D sees the
-    generated image, or real images passed as `d_images` (B, 3, h, w) in [-1, 1].
+    generated image, or a real image passed as `d_image` (3, h, w) in [-1, 1] (see load_image).
+    Everything lower level (run_net with any z, attention_rows, the statistics, the plot_*
+    functions) is usable on its own.
     """
 
     def __init__(self, G, D=None, step=None):
