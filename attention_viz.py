@@ -508,7 +508,7 @@ def plot_query(image, attn_map, cell, feature=None, k=TOPK, upsample="nearest", 
 
 def plot_layers(image, entries, pixel=None, k=TOPK, upsample="nearest", title=None):
     """One query across every attention layer: entries = [dict(name, map (H, W), cell, stats,
-    image optional: what that layer looked at, default `image`)].
+    image and label optional: what that layer looked at (default `image`), its panel title)].
 
     First panel: the image with the query pixel; then per layer its map over the image, a cross at
     the query's cell in that layer and the top-k dots. Returns (fig, {'image', name: ax, ...}).
@@ -528,7 +528,8 @@ def plot_layers(image, entries, pixel=None, k=TOPK, upsample="nearest", title=No
         _overlay(ax, e.get("image", image), m, upsample)  # D may look at another (real) image
         _mark(ax, m, e["cell"], img_hw, k)
         H, W = m.shape
-        ax.set_title(f"{e['name']} ({H}x{W}), cell ({e['cell'][0]}, {e['cell'][1]})", fontsize=9)
+        ax.set_title(f"{e.get('label', e['name'])} ({H}x{W}), cell ({e['cell'][0]}, {e['cell'][1]})",
+                     fontsize=9)
         if e.get("stats"):
             ax.set_xlabel(stats_text(e["stats"]), fontsize=7, family="monospace")
     for ax in axes.values():
@@ -587,7 +588,7 @@ def plot_grid(images, maps, cell, k=TOPK, ncols=4, show_map=True, upsample="near
         m = np.asarray(maps[idx], dtype=np.float32)
         img_hw = images[idx].shape[:2]
         if show_map:
-            _overlay(ax, images[idx], m, upsample, alpha=0.45)
+            _overlay(ax, images[idx], m, upsample, alpha=0.35)
         else:
             _show_image(ax, images[idx])
         _mark(ax, m, cell, img_hw, k)
@@ -646,7 +647,9 @@ class Explorer:
     """A generator (and optionally a discriminator) with a cache of the runs it has made.
 
     Queries are image pixels (x, y) or, with `cell=`, feature cells of the named layer. D sees the
-    generated image, or real images passed as `d_images` (B, 3, h, w) in [-1, 1].
+    generated image, or a real image passed as `d_image` (3, h, w) in [-1, 1] (see load_image).
+    Everything lower level (run_net with any z, attention_rows, the statistics, the plot_*
+    functions) is usable on its own.
     """
 
     def __init__(self, G, D=None, step=None):
@@ -736,11 +739,13 @@ class Explorer:
         for name in layers or list(self.layers):
             name = check_layer(name, self.layers)
             cell, m, stats = self.query(seed, name, pixel=pixel, d_image=d_image)
+            real = d_image is not None and name.startswith("D")
             entries.append(dict(name=name, map=m, cell=cell, stats=stats,
-                                image=self.image(seed, name, d_image)))
-        src = " (D on a real image)" if d_image is not None else ""
+                                image=self.image(seed, name, d_image),
+                                label=f"{name} on the real image" if real else name))
+        src = ", D on a real image" if d_image is not None else ""
         return plot_layers(self.image(seed), entries, pixel, k, upsample,
-                           title=f"seed {seed}{src}: every attention layer")
+                           title=f"seed {seed}{src}: every attention layer, query pixel {tuple(pixel)}")
 
     def queries_figure(self, seed=0, layer=None, pixels=None, k=TOPK, upsample="nearest"):
         layer = self.pick_layer(layer)

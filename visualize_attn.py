@@ -56,7 +56,9 @@ def build_parser():
     a = p.add_argument
     a("--checkpoint", required=True, help="a checkpoint of this project, e.g. models/quick/latest.pt")
     a("--out", help="PNG file for the figure (not needed with --table alone)")
-    a("--view", choices=VIEWS, default="query")
+    a("--view", choices=VIEWS, default="query",
+      help="query: one layer, the seed's figure; layers: every layer; queries: several colour-coded "
+           "queries (one --pixel each); grid: one query across --seeds; saliency: attention received")
     a("--seed", type=int, default=0, help="seed of the generated image (z = randn from this seed)")
     a("--seeds", type=seed_list, default=list(range(8)), help="images of --view grid, e.g. 0-7")
     a("--layer", help="attention layer, e.g. G16 or D8 (default: the generator's largest)")
