@@ -133,8 +133,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit:
         main.main([*TINY, "--no_visdom", "--model_save_path", str(tmp_path / "m"), *args])
-    assert exit.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    code = exit.value.code  # argparse prints and exits 2; later checks exit with the message
+    assert code not in (0, None)
+    lines = (code if isinstance(code, str) else capsys.readouterr().err).strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
 
 
@@ -144,7 +145,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, message):
 ])
 def test_cli_errors_from_the_real_command(tmp_path, args, message):
     proc = run_main(tmp_path, "--no_visdom", *args, check=False, timeout=120)
-    assert proc.returncode == 2
+    assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr
 
 
