@@ -132,29 +132,44 @@ def make_dataset(config):
 
 class StepBatchSampler:
     """Endless batches of indices; epoch e is a permutation seeded by (seed, e), batches never span
-    two epochs (the tail that doesn't fill a batch is dropped), and iteration starts at `start_step`."""
+    two epochs (the tail that doesn't fill a batch is dropped), and iteration starts at `start_step`.
 
-    def __init__(self, n, batch_size, seed, start_step=0):
-        if n < batch_size:
-            raise ValueError(f"the dataset has {n} images, fewer than --batch_size {batch_size}: "
-                             f"lower --batch_size or add images")
+    With several ranks (DDP) the global batch of a step is the same slice of the same permutation
+    whatever the world size, and rank r gets the r-th `batch_size` of it: the data order stays a pure
+    function of (seed, step, global batch), so a run resumes exactly on any number of GPUs that
+    keeps the global batch.
+    """
+
+    def __init__(self, n, batch_size, seed, start_step=0, rank=0, world_size=1):
+        global_batch = batch_size * world_size
+        if n < global_batch:
+            per_rank = f" ({world_size} ranks x {batch_size})" if world_size > 1 else ""
+            raise ValueError(f"the dataset has {n} images, fewer than the global batch {global_batch}"
+                             f"{per_rank}: lower --batch_size or add images")
         self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
-        self.steps_per_epoch = n // batch_size
+        self.rank, self.global_batch = rank, global_batch
+        self.steps_per_epoch = n // global_batch
 
     def __iter__(self):
         epoch, b = divmod(self.start_step, self.steps_per_epoch)
+        lo = self.rank * self.batch_size  # this rank's slice of each global batch
         while True:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             perm = torch.randperm(self.n, generator=g)
             for b in range(b, self.steps_per_epoch):
-                yield perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+                start = b * self.global_batch + lo
+                yield perm[start:start + self.batch_size].tolist()
             epoch, b = epoch + 1, 0
 
 
-def training_batches(dataset, config, start_step=0):
-    """Endless iterator of image batches (B, 3, imsize, imsize), starting at `start_step`."""
-    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start_step)
+def training_batches(dataset, config, start_step=0, rank=0, world_size=1):
+    """Endless iterator of this rank's image batches (B, 3, imsize, imsize), starting at `start_step`."""
+    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start_step, rank, world_size)
+    # its own generator: creating the iterator draws a worker base seed, and from the global RNG that
+    # draw would shift every later noise sample of a resumed run (the checkpoint's RNG state is
+    # restored before the iterator exists)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
                         pin_memory=torch.cuda.is_available(),
-                        persistent_workers=config.num_workers > 0)
+                        persistent_workers=config.num_workers > 0,
+                        generator=torch.Generator().manual_seed(config.seed + start_step))
     return iter(loader)
