@@ -1,7 +1,7 @@
 """Self-describing checkpoints: one dict per file, written atomically, read without unpickling code.
 
-A checkpoint holds the config, both networks' architecture arguments and weights, both optimizers,
-the step and every RNG state, so a Generator can be rebuilt from the file alone and a run resumed
+A checkpoint holds the config, both networks' architecture arguments and weights, the EMA generator
+(`G_ema`, when kept), both optimizers, the step and every RNG state, so a Generator can be rebuilt from the file alone and a run resumed
 exactly. `latest.pt` is a hard link to the newest complete checkpoint, swapped in by rename.
 """
 import os
@@ -158,13 +158,25 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def load_generator(path, device="cpu"):
-    """Rebuild the Generator of a checkpoint from the file alone, weights loaded, in eval mode."""
+def load_generator(path, device="cpu", ema=True, verbose=True):
+    """Rebuild the Generator of a checkpoint from the file alone, weights loaded, in eval mode.
+
+    Uses the EMA generator's weights when the checkpoint has them and `ema` is true (the better
+    samples), the raw trained G otherwise; says which unless `verbose` is false.
+    """
     ckpt = load_checkpoint(path)
+    use_ema = ema and "G_ema" in ckpt
     G = Generator(**ckpt["model_args"]["G"])
     try:
-        G.load_state_dict(ckpt["G"])
+        G.load_state_dict(ckpt["G_ema"] if use_ema else ckpt["G"])
     except RuntimeError as e:
         raise CheckpointError(f"{path!r}: weights do not fit the stored architecture "
                               f"({str(e).splitlines()[0][:160]})") from None
+    if verbose:
+        if use_ema:
+            print(f"{path}: EMA generator weights (decay {ckpt['config'].get('ema_decay')}); "
+                  f"ema=False / --raw_g for the raw G")
+        else:
+            print(f"{path}: raw generator weights" + ("" if ema else " (EMA not requested)")
+                  + ("" if "G_ema" in ckpt else " (no EMA in this checkpoint)"))
     return G.to(device).eval()

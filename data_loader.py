@@ -178,22 +178,33 @@ def make_dataset(config):
 
 class StepBatchSampler:
     """Endless batches of indices; epoch e is a permutation seeded by (seed, e), batches never span
-    two epochs (the tail that doesn't fill a batch is dropped), and iteration starts at `start_step`."""
+    two epochs (the tail that doesn't fill a batch is dropped), and iteration starts at `start_step`.
 
-    def __init__(self, n, batch_size, seed, start_step=0):
-        if n < batch_size:
-            raise ValueError(f"the dataset has {n} images, fewer than --batch_size {batch_size}: "
-                             f"lower --batch_size or add images")
+    With several ranks (DDP) the global batch of a step is the same slice of the same permutation
+    whatever the world size, and rank r gets the r-th `batch_size` of it: the data order stays a pure
+    function of (seed, step, global batch), so a run resumes exactly on any number of GPUs that
+    keeps the global batch.
+    """
+
+    def __init__(self, n, batch_size, seed, start_step=0, rank=0, world_size=1):
+        global_batch = batch_size * world_size
+        if n < global_batch:
+            per_rank = f" ({world_size} ranks x {batch_size})" if world_size > 1 else ""
+            raise ValueError(f"the dataset has {n} images, fewer than the global batch {global_batch}"
+                             f"{per_rank}: lower --batch_size or add images")
         self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
-        self.steps_per_epoch = n // batch_size
+        self.rank, self.global_batch = rank, global_batch
+        self.steps_per_epoch = n // global_batch
 
     def __iter__(self):
         epoch, b = divmod(self.start_step, self.steps_per_epoch)
+        lo = self.rank * self.batch_size  # this rank's slice of each global batch
         while True:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             perm = torch.randperm(self.n, generator=g)
             for b in range(b, self.steps_per_epoch):
-                yield perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+                start = b * self.global_batch + lo
+                yield perm[start:start + self.batch_size].tolist()
             epoch, b = epoch + 1, 0
 
 
@@ -225,12 +236,12 @@ def _ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def training_batches(dataset, config, start_step=0):
-    """Endless iterator of image batches (B, 3, imsize, imsize), starting at `start_step`.
+def training_batches(dataset, config, start_step=0, rank=0, world_size=1):
+    """Endless iterator of this rank's image batches (B, 3, imsize, imsize), starting at `start_step`.
 
     Each unreadable file is named once in a warning; the number met is reported at the end of every
     epoch that met any."""
-    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start_step)
+    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start_step, rank, world_size)
     # DataLoader draws its workers' base seed from the global torch RNG unless given a generator:
     # that extra draw at every (re)start would make a resumed run's noise differ from the original.
     loader = DataLoader(_WithSkipped(dataset), batch_sampler=sampler, collate_fn=_collate,

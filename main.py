@@ -2,6 +2,7 @@
 
     python main.py --batch_size 64 --imsize 64 --dataset celeb --adv_loss hinge --version sagan_celeb
     python main.py --preset quick      # built-in data, CPU-sized, a few minutes
+    torchrun --nproc_per_node=8 main.py --batch_size 32 ...   # 8 GPUs, global batch 8 x 32 = 256
 """
 import argparse
 import os
@@ -12,6 +13,7 @@ import torch
 from checkpoint import CheckpointError
 from data_loader import make_dataset
 from safety import Diverged, Interrupted, resume_command
+from distributed import cleanup_distributed, setup_distributed
 from sagan_models import check_attn, check_imsize, default_attn
 from trainer import Trainer
 from utils import pick_device
@@ -61,13 +63,19 @@ def build_parser():
     a("--lambda_gp", type=float, default=10.0, help="gradient-penalty weight for wgan-gp")
     # training
     a("--total_step", type=int, default=1_000_000, help="generator updates to train for")
-    a("--batch_size", type=int, default=64)
+    a("--batch_size", type=int, default=64,
+      help="images per GPU/process; under torchrun the global batch is batch_size x WORLD_SIZE")
     a("--num_workers", type=int, default=2)
     a("--g_lr", type=float, default=1e-4)
     a("--d_lr", type=float, default=4e-4)
     a("--beta1", type=float, default=0.0)
     a("--beta2", type=float, default=0.9)
     a("--seed", type=int, default=0)
+    a("--ema_decay", type=float, default=0.999,
+      help="keep an EMA of G's weights with this decay (0: none); samples and evaluation use it")
+    a("--ema_start", type=int, default=0, help="the EMA copies G exactly until this step")
+    a("--sync_bn", action="store_true",
+      help="under torchrun, BatchNorm statistics of G over the global batch (SyncBatchNorm)")
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     # resuming
     a("--resume", action="store_true", help="continue from <model_save_path>/<version>/latest.pt")
@@ -114,12 +122,14 @@ def check_config(c):
                  "g_conv_dim", "d_conv_dim", "synthetic_size", "n_samples", "visdom_port"):
         if getattr(c, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(c, name)}")
-    for name in ("num_workers", "keep_last", "center_crop", "lambda_gp", "beta1", "beta2"):
+    for name in ("num_workers", "keep_last", "center_crop", "lambda_gp", "beta1", "beta2", "ema_start"):
         if getattr(c, name) < 0:
             raise ValueError(f"--{name} must not be negative, got {getattr(c, name)}")
     for name in ("g_lr", "d_lr"):
         if not getattr(c, name) > 0:
             raise ValueError(f"--{name} must be positive, got {getattr(c, name)}")
+    if not 0 <= c.ema_decay < 1:
+        raise ValueError(f"--ema_decay must be in [0, 1) (0 turns the EMA off), got {c.ema_decay}")
     if c.beta1 >= 1 or c.beta2 >= 1:
         raise ValueError(f"--beta1/--beta2 must be below 1, got {c.beta1}, {c.beta2}")
     if c.pretrained_model is not None and c.pretrained_model <= 0:
@@ -129,8 +139,10 @@ def check_config(c):
     c.d_attn = sorted(default_attn(c.imsize, "d") if c.d_attn is None else c.d_attn, reverse=True)
     check_attn(c.imsize, c.g_attn, "g")
     check_attn(c.imsize, c.d_attn, "d")
-    if c.dataset == "synthetic" and c.synthetic_size < c.batch_size:
-        raise ValueError(f"--synthetic_size {c.synthetic_size} is smaller than --batch_size {c.batch_size}")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the global batch must fit the data
+    if c.dataset == "synthetic" and c.synthetic_size < c.batch_size * world:
+        raise ValueError(f"--synthetic_size {c.synthetic_size} is smaller than the global batch "
+                         f"{c.batch_size * world} (--batch_size {c.batch_size} x {world} processes)")
     if not c.version or os.sep in c.version or c.version in (".", ".."):
         raise ValueError(f"--version {c.version!r} must be a plain folder name")
     pick_device(c.device)
@@ -171,19 +183,28 @@ def make_dashboard(config, trainer):
 
 def main(argv=None):
     config = parse_args(argv)
-    device = pick_device(config.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "no CUDA GPU in use"
-    print(f"device: {device} ({where})")
     try:
-        check_writable(os.path.join(config.model_save_path, config.version), "--model_save_path")
-        check_writable(os.path.join(config.sample_path, config.version), "--sample_path")
-        dataset = make_dataset(config)
-        trainer = Trainer(config, dataset)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        info, device = setup_distributed(config.device)
+    except ValueError as e:
         sys.exit(f"main.py: error: {e}")
-    print(f"data: {config.dataset}, {len(dataset)} images at {config.imsize}px | "
-          f"run folder: {trainer.run_dir} | attention G {config.g_attn or 'none'}, D {config.d_attn or 'none'}")
-    dashboard = None if config.no_visdom else make_dashboard(config, trainer)
+    config.world_size = info.world_size  # recorded in config.json and checkpoints: global batch
+    say = print if info.is_main else (lambda *a, **k: None)  # rank 0 speaks for all
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "no CUDA GPU in use"
+    ranks = f" | {info.world_size} processes, global batch {config.batch_size * info.world_size}" \
+        if info.enabled else ""
+    say(f"device: {device} ({where}){ranks}")
+    try:
+        if info.is_main:
+            check_writable(os.path.join(config.model_save_path, config.version), "--model_save_path")
+            check_writable(os.path.join(config.sample_path, config.version), "--sample_path")
+        dataset = make_dataset(config)
+        trainer = Trainer(config, dataset, device, info)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        cleanup_distributed()
+        sys.exit(f"main.py: error: {e}")
+    say(f"data: {config.dataset}, {len(dataset)} images at {config.imsize}px | "
+        f"run folder: {trainer.run_dir} | attention G {config.g_attn or 'none'}, D {config.d_attn or 'none'}")
+    dashboard = None if config.no_visdom or not info.is_main else make_dashboard(config, trainer)
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         last = trainer.train()
@@ -207,7 +228,8 @@ def main(argv=None):
     finally:
         if dashboard:
             dashboard.close()
-    print(f"done: step {trainer.step}, checkpoint {last}, samples in {trainer.sample_dir}")
+        cleanup_distributed()
+    say(f"done: step {trainer.step}, checkpoint {last}, samples in {trainer.sample_dir}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from checkpoint import (CheckpointError, atomic_write_text, ckpt_name, list_chec
                         remove_stale_temps, save_checkpoint)
 from data_loader import training_batches
 from safety import Diverged, FiniteWatch, Interrupted, StopSignals, params_finite
+from distributed import DistInfo, max_over_ranks, mean_over_ranks, sync_batchnorm, wrap
+from ema import EMA
 from sagan_models import Discriminator, Generator
 from utils import default, denorm, exists, pick_device, rng_state, seed_everything, set_rng_state
 
@@ -37,9 +39,11 @@ def g_adversarial(fake_out):
     return -fake_out.mean()
 
 
-def gradient_penalty(D, real, fake):
-    """WGAN-GP: (||grad_x D(x)||_2 - 1)^2 at random points between real and fake images."""
-    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+def gradient_penalty(D, real, fake, alpha=None):
+    """WGAN-GP: (||grad_x D(x)||_2 - 1)^2 at random points between real and fake images;
+    alpha (B, 1, 1, 1) in [0, 1] says where, drawn here when not given."""
+    if alpha is None:
+        alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
     x = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
     grad, = torch.autograd.grad(D(x).sum(), x, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
@@ -64,9 +68,14 @@ def gammas(G, D):
 
 
 class Trainer:
-    def __init__(self, config, dataset):
+    """One process of training. Under torchrun (`dist`, `device` from distributed.setup_distributed)
+    self.G / self.D stay the plain modules (saved, sampled, averaged into the EMA) and
+    self.G_train / self.D_train wrap them in DDP for the synchronised forward passes."""
+
+    def __init__(self, config, dataset, device=None, dist=None):
         self.config, self.dataset = config, dataset
-        self.device = pick_device(config.device)
+        self.device = device or pick_device(config.device)
+        self.dist = dist or DistInfo()
         self.run_dir = os.path.join(config.model_save_path, config.version)
         self.sample_dir = os.path.join(config.sample_path, config.version)
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
@@ -74,6 +83,8 @@ class Trainer:
 
         self.G = Generator(config.imsize, config.z_dim, config.g_conv_dim, config.g_attn).to(self.device)
         self.D = Discriminator(config.imsize, config.d_conv_dim, config.d_attn).to(self.device)
+        if getattr(config, "sync_bn", False) and self.dist.enabled:
+            self.G = sync_batchnorm(self.G, self.device)  # before the optimizer sees G's parameters
         betas = (config.beta1, config.beta2)
         self.opt_g = torch.optim.Adam(self.G.parameters(), config.g_lr, betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), config.d_lr, betas)
@@ -82,12 +93,36 @@ class Trainer:
         self.step = 0
         self.watch = FiniteWatch(self.device)
         self.last_saved = None  # (step, path) of the newest checkpoint known to be good
+        ema_decay = getattr(config, "ema_decay", 0.0)
+        self.ema = EMA(self.G, ema_decay, getattr(config, "ema_start", 0)) if ema_decay > 0 else None
 
         if config.resume or exists(config.pretrained_model):
             self.resume()
         else:
             self._start_metrics()
+        self.G_train, self.D_train = wrap(self.G, self.device, self.dist), wrap(self.D, self.device, self.dist)
         self.dashboard = None
+
+    def say(self, *args):
+        if self.dist.is_main:
+            print(*args, flush=True)
+
+    def noise(self, shape):
+        """Standard normal noise for this rank's slice of the global batch.
+
+        Every rank draws the whole global batch's noise from the same stream and keeps its slice:
+        (B * world_size, ...) -> (B, ...). The run is then the same computation at any world size,
+        and one RNG state (rank 0's, in the checkpoint) resumes every rank.
+        """
+        B, world = shape[0], self.dist.world_size
+        full = torch.randn(B * world, *shape[1:], device=self.device)
+        return full[self.dist.rank * B:(self.dist.rank + 1) * B]
+
+    def uniform(self, shape):
+        """Like noise(), uniform on [0, 1)."""
+        B, world = shape[0], self.dist.world_size
+        full = torch.rand(B * world, *shape[1:], device=self.device)
+        return full[self.dist.rank * B:(self.dist.rank + 1) * B]
 
     # ------------------------------------------------------------------ checkpoints
     def state(self):
@@ -95,7 +130,8 @@ class Trainer:
                     model_args=dict(G=self.G.model_args(), D=self.D.model_args()),
                     G=self.G.state_dict(), D=self.D.state_dict(),
                     opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(),
-                    fixed_z=self.fixed_z.cpu(), rng=rng_state())
+                    fixed_z=self.fixed_z.cpu(), rng=rng_state(),
+                    **({"G_ema": self.ema.state_dict()} if self.ema else {}))
 
     def save(self):
         """Save the current step, unless a loss or a weight went NaN/Inf: a diverged state never
@@ -153,15 +189,21 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         own_file = os.path.join(self.run_dir, ckpt_name(self.step))  # what latest.pt links to
         self.last_saved = (self.step, own_file if os.path.isfile(own_file) else path)
+        if self.ema and "G_ema" in ckpt:
+            self.ema.load_state_dict(ckpt["G_ema"])
+        elif self.ema:
+            self.say(f"{path} has no EMA generator: the EMA starts from its G at step {self.step}")
         self._start_metrics(keep_until=self.step)
-        print(f"resumed from {path} at step {self.step}")
+        self.say(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------ logging
     def _start_metrics(self, keep_until=None):
         """Open metrics.jsonl; on resume drop lines past the checkpoint (those steps run again)."""
+        self.history = []
+        if not self.dist.is_main:
+            return
         os.makedirs(self.run_dir, exist_ok=True)
         remove_stale_temps(self.run_dir)
-        self.history = []
         if exists(keep_until) and os.path.exists(self.metrics_path):
             with open(self.metrics_path) as f:
                 self.history = [r for r in map(parse_record, f) if r and r["step"] <= keep_until]
@@ -187,16 +229,20 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self):
-        self.G.eval()
-        images = denorm(self.G(self.fixed_z))
+        """The fixed-z grid, drawn by the EMA generator when there is one."""
+        G = self.ema.model if self.ema else self.G
+        was_training = G.training
+        G.eval()
+        images = denorm(G(self.fixed_z))
         if self.dashboard:  # watch attention form: a few face pixels' rows, every layer of G
-            self.dashboard.attention(self.G, self.fixed_z[:1], self.step)
-        self.G.train()
+            self.dashboard.attention(G, self.fixed_z[:1], self.step)
+        G.train(was_training)
         os.makedirs(self.sample_dir, exist_ok=True)
         path = os.path.join(self.sample_dir, f"{self.step:07d}_fake.png")
         save_image(images, path, nrow=int(math.sqrt(len(images))))
         if self.dashboard:
-            self.dashboard.image("samples", images, caption=f"fixed z, step {self.step}")
+            who = "EMA G" if self.ema else "G"
+            self.dashboard.image("samples", images, caption=f"fixed z, {who}, step {self.step}")
         return path
 
     # ------------------------------------------------------------------ the loop
@@ -207,11 +253,15 @@ class Trainer:
 
     def _train(self):
         cfg, G, D, device = self.config, self.G, self.D, self.device
+        G_train, D_train = self.G_train, self.D_train  # DDP-wrapped under torchrun, else G and D
         d_objective = D_LOSSES[cfg.adv_loss]
-        batches = training_batches(self.dataset, cfg, start_step=self.step)
+        batches = training_batches(self.dataset, cfg, self.step, self.dist.rank, self.dist.world_size)
         G.train(), D.train()
         sums, n_sums, tick = {}, 0, time.time()
         last_saved = None
+        if self.ema:
+            self.say(f"EMA generator: decay {self.ema.decay} from step {self.ema.start}; "
+                     f"samples and checkpoints' default generator use it")
 
         while self.step < cfg.total_step:
             real = next(batches).to(device, non_blocking=True)
@@ -219,25 +269,29 @@ class Trainer:
 
             # ================== D step: push D(real) up, D(G(z)) down ================== #
             with torch.no_grad():
-                fake = G(torch.randn(B, cfg.z_dim, device=device))
-            d_loss_real, d_loss_fake = d_objective(D(real), D(fake))
+                fake = G(self.noise((B, cfg.z_dim)))
+            d_loss_real, d_loss_fake = d_objective(D_train(real), D_train(fake))
             d_loss = d_loss_real + d_loss_fake
             losses = dict(d_loss_real=d_loss_real, d_loss_fake=d_loss_fake)
             if cfg.adv_loss == "wgan-gp":
-                losses["d_gp"] = gradient_penalty(D, real, fake)
+                # the plain D: the penalty's parameter gradients reach DDP's hooks in d_loss.backward()
+                losses["d_gp"] = gradient_penalty(D, real, fake, self.uniform((B, 1, 1, 1)))
                 d_loss = d_loss + cfg.lambda_gp * losses["d_gp"]
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_d.step()
 
             # ================== G step: fresh z, push D(G(z)) up ================== #
-            D.requires_grad_(False)  # D's gradients here would be thrown away
-            g_loss = g_adversarial(D(G(torch.randn(B, cfg.z_dim, device=device))))
+            # the plain D: its gradients here would be thrown away, so DDP must not wait for them
+            D.requires_grad_(False)
+            g_loss = g_adversarial(D(G_train(self.noise((B, cfg.z_dim)))))
             self.opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             self.opt_g.step()
             D.requires_grad_(True)
             self.step += 1
+            if self.ema:
+                self.ema.update(self.step)
 
             # ================== log / sample / save ================== #
             losses.update(d_loss=d_loss, g_loss=g_loss)
@@ -247,21 +301,26 @@ class Trainer:
             self.watch.update(self.step, losses)  # also on device; read at log and save
             if self.step % cfg.log_step == 0 or self.step == cfg.total_step:
                 now = time.time()
-                record = {"step": self.step, **{k: (v / n_sums).item() for k, v in sums.items()},
+                means = mean_over_ranks({k: v / n_sums for k, v in sums.items()})  # the global batch's
+                record = {"step": self.step, **{k: v.item() for k, v in means.items()},
                           **gammas(G, D), "it_s": n_sums / (now - tick), "time": now}
-                self.log(record)
-                print(status_line(record, cfg.total_step), flush=True)
+                if self.dist.is_main:
+                    self.log(record)
+                    print(status_line(record, cfg.total_step), flush=True)
                 sums, n_sums, tick = {}, 0, time.time()
                 if exists(bad := self.watch.bad_step()):  # no extra sync: the record just synced
                     raise self.diverged(bad)
-            if self.step % cfg.sample_step == 0 or self.step == cfg.total_step:
-                self.sample()
-            if self.step % cfg.model_save_step == 0 or self.step == cfg.total_step:
-                last_saved = self.save()
-            if self.stop.signum and self.step < cfg.total_step:
-                if not (self.last_saved and self.last_saved[0] == self.step):
+            if self.dist.is_main:
+                if self.step % cfg.sample_step == 0 or self.step == cfg.total_step:
+                    self.sample()
+                if self.step % cfg.model_save_step == 0 or self.step == cfg.total_step:
+                    last_saved = self.save()
+            # every rank stops at the same step, or the others would wait in a collective forever
+            signum = max_over_ranks(self.stop.signum or 0) if self.dist.enabled else self.stop.signum
+            if signum and self.step < cfg.total_step:
+                if self.dist.is_main and not (self.last_saved and self.last_saved[0] == self.step):
                     self.save()
-                raise Interrupted(self.stop.signum, self.step, self.last_saved[1])
+                raise Interrupted(signum, self.step, self.last_saved[1] if self.last_saved else None)
         return last_saved
 
 

@@ -1,0 +1,52 @@
+"""An exponential moving average of the generator's weights (the EMA generator).
+
+Averaging G's weights over the last few thousand updates gives visibly smoother, better-scoring
+samples than the latest G (Karras et al. 2018; Brock et al. 2019; Yazici et al. 2019). The EMA copy is
+never trained: after every G update its parameters move a fraction (1 - decay) towards G's, and its
+buffers (BatchNorm running statistics, spectral-norm power-iteration vectors) are copied from G.
+"""
+import torch
+
+from sagan_models import Generator
+
+
+class EMA:
+    """`decay` per update once `start` updates have been made; before that the copy follows G exactly.
+
+    The effective decay warms up as min(decay, (1 + s) / (10 + s)), s = updates since `start`, so a
+    short run is not dominated by its random initial weights (the schedule of TensorFlow's
+    ExponentialMovingAverage with num_updates).
+    """
+
+    def __init__(self, G, decay, start=0):
+        self.decay, self.start = decay, start
+        self.model = Generator(**G.model_args()).to(next(G.parameters()).device)
+        self.model.load_state_dict(G.state_dict())
+        self.model.eval().requires_grad_(False)
+        self._pairs(G)
+
+    def _pairs(self, G):
+        # parameters and buffers are matched by name: the trained G may hold SyncBatchNorm layers
+        ema_p, ema_b = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+        self.params = [ema_p[k] for k, _ in G.named_parameters()]
+        self.src_params = [p for _, p in G.named_parameters()]
+        self.buffers = [ema_b[k] for k, _ in G.named_buffers()]
+        self.src_buffers = [b for _, b in G.named_buffers()]
+
+    def decay_at(self, step):
+        if step <= self.start:
+            return 0.0
+        s = step - self.start
+        return min(self.decay, (1 + s) / (10 + s))
+
+    @torch.no_grad()
+    def update(self, step):
+        """Call after the G update that made `step`: one fused lerp over all parameters."""
+        torch._foreach_lerp_(self.params, self.src_params, 1.0 - self.decay_at(step))
+        torch._foreach_copy_(self.buffers, self.src_buffers)
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)

@@ -1,0 +1,143 @@
+"""evaluate.py (FID/KID) with the stand-in feature network, and the EMA generator in checkpoints.
+
+evaluate.py runs as a real subprocess on a real folder of PNGs and a real checkpoint; its numbers are
+checked against FID and KID computed here directly with numpy/scipy on the same images' features.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from checkpoint import load_checkpoint, load_generator  # noqa: E402
+from data_loader import SyntheticFaces, make_dataset  # noqa: E402
+from ema import EMA  # noqa: E402
+from evaluate import RandomConvFeatures, fake_batches, real_features, to_uint8  # noqa: E402
+from main import parse_args  # noqa: E402
+from sagan_models import Generator  # noqa: E402
+from trainer import Trainer  # noqa: E402
+
+N = 40  # generated and real images (> the 16 stand-in features); KID's subset is all of them
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 3-step run on the built-in data (EMA on) and a folder of real built-in faces as PNG files."""
+    tmp = tmp_path_factory.mktemp("eval")
+    config = parse_args(["--dataset", "synthetic", "--imsize", "32", "--g_conv_dim", "8", "--d_conv_dim", "8",
+                         "--z_dim", "16", "--batch_size", "4", "--synthetic_size", "32", "--num_workers", "0",
+                         "--n_samples", "4", "--total_step", "3", "--log_step", "1", "--sample_step", "3",
+                         "--model_save_step", "3", "--no_visdom", "--ema_decay", "0.5", "--version", "ev",
+                         "--model_save_path", str(tmp / "models"), "--sample_path", str(tmp / "samples")])
+    trainer = Trainer(config, make_dataset(config))
+    ckpt = trainer.train()
+    real = tmp / "real" / "nested"
+    real.mkdir(parents=True)
+    faces = SyntheticFaces(N, 32, seed=7)
+    for i in range(N):
+        Image.fromarray(faces.face(i)[0]).save(real / f"{i:03d}.png")
+    return tmp, ckpt, trainer
+
+
+def evaluate(tmp, ckpt, *extra):
+    out = tmp / "scores.json"
+    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", ckpt, "--real", str(tmp / "real"),
+           "--num_samples", str(N), "--batch_size", "10", "--features", "randconv", "--kid_subset_size", str(N),
+           "--kid_subsets", "3", "--cache_dir", str(tmp / "cache"), "--json", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return proc, (json.loads(out.read_text()) if proc.returncode == 0 else None)
+
+
+def numpy_fid(a, b):
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def numpy_kid(a, b):
+    """Unbiased MMD^2 with the polynomial kernel (x.y / d + 1)^3, all samples (Binkowski et al. 2018)."""
+    d, m = a.shape[1], len(a)
+    k = lambda x, y: (x @ y.T / d + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(a, a), k(b, b), k(a, b)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                 - 2 * kxy.mean())
+
+
+def test_fid_and_kid_match_a_direct_numpy_computation_and_real_features_are_cached(run):
+    tmp, ckpt, _ = run
+    proc, scores = evaluate(tmp, ckpt)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "EMA generator weights" in proc.stdout and scores["generator"] == "EMA"
+    assert "NOT comparable to published FID" in proc.stdout and "real: 40 images" in proc.stdout
+
+    # the same images through the same stand-in network, scored by numpy/scipy
+    feats = RandomConvFeatures()
+    real = np.stack([feats(torch.from_numpy(np.array(Image.open(tmp / "real" / "nested" / f"{i:03d}.png")))
+                           .permute(2, 0, 1)[None])[0].double().numpy() for i in range(N)])
+    G = load_generator(ckpt, verbose=False)
+    with torch.no_grad():
+        fake = torch.cat([feats(to_uint8(x)) for x in fake_batches(G, N, 10, 0, "cpu")]).double().numpy()
+    assert scores["fid"] == pytest.approx(numpy_fid(real, fake), rel=1e-5)
+    assert scores["fid"] > 1.0  # a 3-step generator is far from the data
+    assert scores["kid"] == pytest.approx(numpy_kid(real, fake), rel=1e-5, abs=1e-9)
+    assert scores["kid_std"] < 1e-6 * abs(scores["kid"]) + 1e-10  # every subset is the whole set
+
+    # second run: real features from the cache, same numbers; the raw G scores differently
+    proc2, again = evaluate(tmp, ckpt, "--raw_g")
+    assert "cached" in proc2.stdout and "raw generator weights" in proc2.stdout
+    assert again["generator"] == "raw" and again["fid"] != pytest.approx(scores["fid"], rel=1e-6)
+    # a changed folder is a new set of statistics; the same folder at another crop too
+    Image.fromarray(SyntheticFaces(1, 32, seed=8).face(0)[0]).save(tmp / "real" / "extra.png")
+    args = (str(tmp / "real"), 32, 160, 50_000, feats, 10, "cpu", str(tmp / "cache"))
+    changed, how = real_features(*args)
+    assert how.startswith("computed") and len(changed) == N + 1
+    assert real_features(*args)[1].startswith("cached")
+    assert real_features(args[0], 32, 0, *args[3:])[1].startswith("computed")
+
+
+def test_missing_feature_weights_is_a_one_line_error_naming_the_download(run):
+    tmp, ckpt, _ = run
+    proc, _ = evaluate(tmp, ckpt, "--features", "inception", "--feature_weights", str(tmp / "nope.pth"))
+    assert proc.returncode != 0 and "--feature_weights" in proc.stderr and "download" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_ema_is_saved_used_by_default_and_follows_the_lerp(run, capsys):
+    tmp, ckpt, trainer = run
+    state = load_checkpoint(ckpt)
+    assert state["config"]["ema_decay"] == 0.5 and "G_ema" in state
+    G_ema = load_generator(ckpt)
+    assert "EMA generator weights" in capsys.readouterr().out
+    G_raw = load_generator(ckpt, ema=False)
+    z = torch.randn(2, 16)
+    with torch.no_grad():
+        assert not torch.allclose(G_ema(z), G_raw(z))  # after 3 updates the average is not G
+        assert torch.allclose(G_ema(z), trainer.ema.model(z))
+
+    # one update: ema <- ema + (1 - d) (g - ema) for parameters, buffers copied
+    G = Generator(32, 16, 8, [16])
+    ema = EMA(G, decay=0.9, start=2)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for p in G.parameters():
+            p.add_(1.0)
+        G.blocks[0][1].running_mean.fill_(3.0)
+    ema.update(step=2)  # not past ema_start: copies G
+    assert torch.equal(ema.model.blocks[0][1].running_mean, G.blocks[0][1].running_mean)
+    assert all(torch.equal(a, b) for a, b in zip(ema.model.parameters(), G.parameters()))
+    ema.load_state_dict(before)
+    d = ema.decay_at(50)
+    assert d == pytest.approx(min(0.9, 49 / 58))
+    ema.update(step=50)
+    for (name, p), q in zip(ema.model.named_parameters(), G.parameters()):
+        assert torch.allclose(p, before[name] + (1 - d) * (q - before[name]), atol=1e-6), name
