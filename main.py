@@ -12,6 +12,7 @@ import torch
 from checkpoint import CheckpointError
 from data_loader import make_dataset
 from sagan_models import check_attn, check_imsize, default_attn
+from speed import check_precision
 from trainer import Trainer
 from utils import pick_device
 
@@ -68,6 +69,14 @@ def build_parser():
     a("--beta2", type=float, default=0.9)
     a("--seed", type=int, default=0)
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    # speed (speed.py); none of these changes the algorithm except --reuse_fake
+    a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+      help="autocast precision on CUDA (fp16 adds loss scaling); CPU runs fp32")
+    a("--channels_last", action="store_true", help="NHWC memory layout for models and batches")
+    a("--compile", action="store_true", help="torch.compile G and D (slow start, faster steps)")
+    a("--reuse_fake", action="store_true",
+      help="NOT the paper's update: the G step reuses the D step's z and fake images instead of "
+           "drawing fresh ones (saves one G forward per step)")
     # resuming
     a("--resume", action="store_true", help="continue from <model_save_path>/<version>/latest.pt")
     a("--pretrained_model", type=int, default=None, metavar="STEP",
@@ -132,7 +141,7 @@ def check_config(c):
         raise ValueError(f"--synthetic_size {c.synthetic_size} is smaller than --batch_size {c.batch_size}")
     if not c.version or os.sep in c.version or c.version in (".", ".."):
         raise ValueError(f"--version {c.version!r} must be a plain folder name")
-    pick_device(c.device)
+    check_precision(c.precision, pick_device(c.device))
 
 
 def check_writable(folder, flag):
