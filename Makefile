@@ -11,6 +11,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/python -m pip install -q -r requirements.txt
+	# the dashboard's front end, from the npm registry, so visdom never reaches for a CDN
+	$(BIN)/python visdom_server.py --install_static || echo "dashboard front end not installed (needs npm); training works without it"
 	touch $@
 
 demo: setup

@@ -5,9 +5,10 @@ mirrors that record to the visdom server. Each line window remembers how many po
 after any failure (server down, restarted, slow) everything is marked unsent and the next successful
 pass redraws whole windows, so a dashboard that comes back fills again with the full curves.
 """
+import logging
+import sys
 import threading
 import time
-import warnings
 
 import numpy as np
 
@@ -94,11 +95,10 @@ class Dashboard:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
             except Exception as e:  # any failure: redraw everything once the server is back
-                if not warned:
-                    where = f"{self.server}:{self.port}"
-                    warnings.warn(f"visdom: no dashboard at {where} ({type(e).__name__}); training "
-                                  f"goes on, metrics.jsonl has every value, and the dashboard fills "
-                                  f"when a server answers there", stacklevel=1)
+                if not warned:  # once per outage, on one line
+                    print(f"visdom: no dashboard at {self.server}:{self.port} ({type(e).__name__}); "
+                          f"training goes on, metrics.jsonl has every value, and the dashboard "
+                          f"fills when a server answers there", file=sys.stderr, flush=True)
                     warned = True
                 self.connected = False
                 self._client = None
@@ -132,6 +132,8 @@ class Dashboard:
 
 
 if visdom is not None:
+    logging.getLogger("visdom").setLevel(logging.ERROR)  # it logs every new HTTP session
+
     class _Client(visdom.Visdom):
         """visdom's client posts with no timeout: a hung server would hang the sync thread forever."""
 

@@ -188,7 +188,8 @@ def main(argv=None):
         dataset = make_dataset(config)
         trainer = Trainer(config, dataset)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        sys.exit(f"main.py: error: {e}")
+        print(f"main.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"data: {config.dataset}, {len(dataset)} images at {config.imsize}px | "
           f"run folder: {trainer.run_dir} | attention G {config.g_attn or 'none'}, D {config.d_attn or 'none'}")
     dashboard = None if config.no_visdom else make_dashboard(config, trainer)
