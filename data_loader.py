@@ -58,10 +58,13 @@ class ImageFolderFlat(Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
+    def pixels(self, i):
+        """Image i cropped and resized: uint8 (imsize, imsize, 3), what the image cache stores."""
         with Image.open(self.paths[i]) as img:
-            img = center_crop_resize(img.convert("RGB"), self.imsize, self.crop)
-            return to_tensor(img)
+            return np.array(center_crop_resize(img.convert("RGB"), self.imsize, self.crop), dtype=np.uint8)
+
+    def __getitem__(self, i):
+        return to_tensor(self.pixels(i))
 
 
 # ----------------------------------------------------------------------------- built-in faces
@@ -125,7 +128,15 @@ class SyntheticFaces(Dataset):
 def make_dataset(config):
     if config.dataset == "synthetic":
         return SyntheticFaces(config.synthetic_size, config.imsize, config.seed)
-    return ImageFolderFlat(config.image_path, config.imsize, config.center_crop)
+    folder = ImageFolderFlat(config.image_path, config.imsize, config.center_crop)
+    if config.cache == "off":
+        return folder
+    from image_cache import cached  # decoded once into a memory-mapped file (image_cache.py)
+    try:
+        return cached(folder, config.cache_dir, config.num_workers)
+    except OSError as e:  # no space, or --cache_dir not writable: training still works, slower
+        print(f"image cache not used ({e}); decoding the images every step instead")
+        return folder
 
 
 # ----------------------------------------------------------------------------- loading

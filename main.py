@@ -86,6 +86,11 @@ def build_parser():
     a("--image_path", default="dataset/celebA", help="folder of images, any nesting")
     a("--center_crop", type=int, default=160,
       help="side of the centre square cut before resizing (CelebA: 160); 0 = largest square")
+    a("--cache", default="auto", choices=["auto", "off"],
+      help="auto: decode the image folder once into a uint8 memory-mapped cache at --imsize and "
+           "train from it (rebuilt when the images, --imsize or --center_crop change); off: decode "
+           "every image every time")
+    a("--cache_dir", default=".cache/images", help="where --cache auto keeps its files")
     a("--synthetic_size", type=int, default=20_000, help="images in the built-in dataset")
     # outputs
     a("--version", default="sagan_1", help="run name: folder under the save paths, visdom env")
