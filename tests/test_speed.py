@@ -123,3 +123,9 @@ def test_bench_prints_both_implementations_and_a_json_last_line():
     assert result["naive"]["img_per_s"] > 0 and result["peak_mem_mb"] > 0
     assert len(result["per_step_s"]["ours"]) == 2
     assert any(line.startswith("speed-up vs the naive seed") for line in lines)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine run gpu_check.py itself")
+def test_gpu_check_says_plainly_that_it_needs_a_gpu():
+    r = subprocess.run([sys.executable, "gpu_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no CUDA GPU here" in r.stderr
