@@ -92,19 +92,29 @@ class ImageFolderFlat(Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def load(self, i):
-        return to_tensor(center_crop_resize(read_rgb(self.paths[i]), self.imsize, self.crop))
+    def pixels(self, i):
+        """Image i cropped and resized: uint8 (imsize, imsize, 3), what the image cache stores."""
+        return np.asarray(center_crop_resize(read_rgb(self.paths[i]), self.imsize, self.crop), dtype=np.uint8)
 
-    def checked_item(self, i):
-        """(image, [(path, reason) of files skipped to find it])."""
+    def load(self, i):
+        """Image i as a training tensor (3, imsize, imsize) in [-1, 1]; raises on an unreadable file."""
+        return to_tensor(self.pixels(i))
+
+    def checked_pixels(self, i):
+        """(pixels, [(path, reason) of files skipped to find them]): image i, or the next readable one."""
         skipped = []
         for k in range(len(self.paths)):
             j = (i + k) % len(self.paths)
             try:
-                return self.load(j), skipped
+                return self.pixels(j), skipped
             except Exception as e:  # a corrupt file must not end a run: see class docstring
                 skipped.append((self.paths[j], f"{type(e).__name__}: {e}"))
         raise RuntimeError(f"no file under {self.root!r} is a readable image any more")
+
+    def checked_item(self, i):
+        """(image, [(path, reason) of files skipped to find it])."""
+        pixels, skipped = self.checked_pixels(i)
+        return to_tensor(pixels), skipped
 
     def __getitem__(self, i):
         return self.checked_item(i)[0]
@@ -171,7 +181,15 @@ class SyntheticFaces(Dataset):
 def make_dataset(config):
     if config.dataset == "synthetic":
         return SyntheticFaces(config.synthetic_size, config.imsize, config.seed)
-    return ImageFolderFlat(config.image_path, config.imsize, config.center_crop)
+    folder = ImageFolderFlat(config.image_path, config.imsize, config.center_crop)
+    if config.cache == "off":
+        return folder
+    from image_cache import cached  # decoded once into a memory-mapped file (image_cache.py)
+    try:
+        return cached(folder, config.cache_dir, config.num_workers)
+    except OSError as e:  # no space, or --cache_dir not writable: training still works, slower
+        print(f"image cache not used ({e}); decoding the images every step instead")
+        return folder
 
 
 # ----------------------------------------------------------------------------- loading

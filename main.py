@@ -15,6 +15,7 @@ from data_loader import make_dataset
 from safety import Diverged, Interrupted, resume_command
 from distributed import cleanup_distributed, setup_distributed
 from sagan_models import check_attn, check_imsize, default_attn
+from speed import check_precision
 from trainer import Trainer
 from utils import pick_device
 
@@ -77,6 +78,14 @@ def build_parser():
     a("--sync_bn", action="store_true",
       help="under torchrun, BatchNorm statistics of G over the global batch (SyncBatchNorm)")
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    # speed (speed.py); none of these changes the algorithm except --reuse_fake
+    a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+      help="autocast precision on CUDA (fp16 adds loss scaling); CPU runs fp32")
+    a("--channels_last", action="store_true", help="NHWC memory layout for models and batches")
+    a("--compile", action="store_true", help="torch.compile G and D (slow start, faster steps)")
+    a("--reuse_fake", action="store_true",
+      help="NOT the paper's update: the G step reuses the D step's z and fake images instead of "
+           "drawing fresh ones (saves one G forward per step)")
     # resuming
     a("--resume", action="store_true", help="continue from <model_save_path>/<version>/latest.pt")
     a("--pretrained_model", type=int, default=None, metavar="STEP",
@@ -86,6 +95,11 @@ def build_parser():
     a("--image_path", default="dataset/celebA", help="folder of images, any nesting")
     a("--center_crop", type=int, default=160,
       help="side of the centre square cut before resizing (CelebA: 160); 0 = largest square")
+    a("--cache", default="auto", choices=["auto", "off"],
+      help="auto: decode the image folder once into a uint8 memory-mapped cache at --imsize and "
+           "train from it (rebuilt when the images, --imsize or --center_crop change); off: decode "
+           "every image every time")
+    a("--cache_dir", default=".cache/images", help="where --cache auto keeps its files")
     a("--synthetic_size", type=int, default=20_000, help="images in the built-in dataset")
     # outputs
     a("--version", default="sagan_1", help="run name: folder under the save paths, visdom env")
@@ -145,7 +159,7 @@ def check_config(c):
                          f"{c.batch_size * world} (--batch_size {c.batch_size} x {world} processes)")
     if not c.version or os.sep in c.version or c.version in (".", ".."):
         raise ValueError(f"--version {c.version!r} must be a plain folder name")
-    pick_device(c.device)
+    check_precision(c.precision, pick_device(c.device))
 
 
 def check_writable(folder, flag):

@@ -57,6 +57,41 @@ def _channels(conv_dim, imsize, res):
     return conv_dim * min(imsize // (2 * res), MAX_CHANNEL_MULT)
 
 
+# On CPU, maps up to this many positions (16x16; 256 KiB per image) are computed explicitly: the map
+# stays in cache and bmm + softmax run ~2x faster than the flash kernel. Larger maps always go fused.
+CPU_EXPLICIT_MAX_N = 256
+
+
+def fused_attention(q, k, v):
+    """softmax(q^T k) over keys applied to v, without an N x N map in memory.
+
+    q, k: (B, C', N), v: (B, C, N) -> (B, N, C). Unscaled energy, as in the seed (scale=1.0).
+
+    On CPU, torch's only fused kernel (flash attention) needs one head size for q, k and v, and
+    without it SDPA silently falls back to a math path that materialises (B, N, N) and is slower
+    than the seed's bmm. Zero-padding q and k from C' to C channels leaves every dot product q.k
+    unchanged and makes the flash kernel apply: measured on a 2-core Xeon at 32x32, B=64, C=64 it
+    runs forward ~3x and backward ~1.4x faster than bmm + softmax, despite 8x the q.k multiplies.
+    On CUDA the memory-efficient kernel takes C' != C directly, so nothing is padded there.
+    """
+    C_qk, C = q.shape[1], v.shape[1]
+    q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in (q, k, v))      # (B, 1, N, C') / (B, 1, N, C)
+    if q.device.type == "cpu" and C_qk != C:
+        q, k = F.pad(q, (0, C - C_qk)), F.pad(k, (0, C - C_qk))        # (B, 1, N, C)
+    # the fused kernels want the feature dimension contiguous (a no-op when it already is)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return F.scaled_dot_product_attention(q, k, v, scale=1.0).squeeze(1)  # (B, N, C)
+
+
+def attention_output(q, k, v):
+    """The training path's attention: the same numbers as the explicit map, by the fastest exact
+    route for the device and map size. q, k: (B, C', N), v: (B, C, N) -> (B, N, C)."""
+    if q.device.type == "cpu" and q.shape[-1] <= CPU_EXPLICIT_MAX_N:
+        attention = torch.bmm(q.transpose(1, 2), k).softmax(dim=-1)  # (B, N, N), small
+        return torch.bmm(attention, v.transpose(1, 2))                # (B, N, C)
+    return fused_attention(q, k, v)
+
+
 class Self_Attn(nn.Module):
     """Self-attention layer of SAGAN, the seed's formula.
 
@@ -69,7 +104,8 @@ class Self_Attn(nn.Module):
     weight query position (i, j) puts on key position (k, l).
 
     Training calls it with return_attn=False: the output then comes from a fused kernel and the N x N
-    map is never materialised. `queries` (a LongTensor of flattened query indices, shape (Q,)) asks
+    map is never materialised (except on CPU for maps of at most CPU_EXPLICIT_MAX_N positions, where
+    the explicit map is small and faster; see attention_output). `queries` (a LongTensor of flattened query indices, shape (Q,)) asks
     for just those rows, (B, Q, N), next to the fused output.
     """
 
@@ -81,21 +117,24 @@ class Self_Attn(nn.Module):
         self.value_conv = SN(nn.Conv2d(in_dim, in_dim, 1))
         self.gamma = nn.Parameter(torch.zeros(1))
 
+    def project(self, x):
+        """q, k: (B, C', N) and v: (B, C, N), from one 1x1 convolution with the three (spectrally
+        normalised) weights stacked: one pass over x instead of three."""
+        convs = (self.query_conv, self.key_conv, self.value_conv)
+        weight = torch.cat([c.weight for c in convs])  # (2C' + C, C, 1, 1)
+        bias = torch.cat([c.bias for c in convs])
+        qkv = F.conv2d(x, weight, bias).flatten(2)     # (B, 2C' + C, N)
+        return qkv.split([c.out_channels for c in convs], dim=1)
+
     def forward(self, x, return_attn=True, queries=None):
         B, C, H, W = x.shape
-        q = self.query_conv(x).flatten(2)  # (B, C', N)
-        k = self.key_conv(x).flatten(2)    # (B, C', N)
-        v = self.value_conv(x).flatten(2)  # (B, C, N)
+        q, k, v = self.project(x)
 
         if return_attn and queries is None:
             attention = torch.bmm(q.transpose(1, 2), k).softmax(dim=-1)  # (B, N, N), rows = queries
             out = torch.bmm(v, attention.transpose(1, 2))                 # (B, C, N)
         else:
-            # SDPA wants (B, heads, N, dim); one head, scale=1.0 keeps the seed's unscaled energy
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2).unsqueeze(1), k.transpose(1, 2).unsqueeze(1),
-                v.transpose(1, 2).unsqueeze(1), scale=1.0)                # (B, 1, N, C)
-            out = out.squeeze(1).transpose(1, 2)                          # (B, C, N)
+            out = attention_output(q, k, v).transpose(1, 2)              # (B, C, N)
             attention = None
             if return_attn:
                 rows = q[:, :, queries.to(q.device)].transpose(1, 2)      # (B, Q, C')

@@ -19,6 +19,7 @@ from safety import Diverged, FiniteWatch, Interrupted, StopSignals, params_finit
 from distributed import DistInfo, max_over_ranks, mean_over_ranks, sync_batchnorm, wrap
 from ema import EMA
 from sagan_models import Discriminator, Generator
+from speed import Speed
 from utils import default, denorm, exists, pick_device, rng_state, seed_everything, set_rng_state
 
 ARCH_KEYS = ("imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_attn", "d_attn")
@@ -85,9 +86,14 @@ class Trainer:
         self.D = Discriminator(config.imsize, config.d_conv_dim, config.d_attn).to(self.device)
         if getattr(config, "sync_bn", False) and self.dist.enabled:
             self.G = sync_batchnorm(self.G, self.device)  # before the optimizer sees G's parameters
+        self.speed = Speed(config, self.device)
+        self.G, self.D = self.speed.prepare(self.G), self.speed.prepare(self.D)
         betas = (config.beta1, config.beta2)
-        self.opt_g = torch.optim.Adam(self.G.parameters(), config.g_lr, betas)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), config.d_lr, betas)
+        self.opt_g = self.speed.adam(self.G.parameters(), config.g_lr, betas)
+        self.opt_d = self.speed.adam(self.D.parameters(), config.d_lr, betas)
+        # loss scaling for fp16, one per network (their gradients have unrelated ranges); with
+        # fp32/bf16 these are disabled and pass everything through unchanged
+        self.scaler_g, self.scaler_d = self.speed.grad_scaler(), self.speed.grad_scaler()
         g = torch.Generator().manual_seed(config.seed)
         self.fixed_z = torch.randn(config.n_samples, config.z_dim, generator=g).to(self.device)
         self.step = 0
@@ -101,6 +107,12 @@ class Trainer:
         else:
             self._start_metrics()
         self.G_train, self.D_train = wrap(self.G, self.device, self.dist), wrap(self.D, self.device, self.dist)
+        # what the step calls: compiled with --compile, DDP-wrapped under torchrun (G_fwd, D_fwd), and
+        # the plain networks for forwards whose parameter gradients DDP must not wait for;
+        # checkpoints always save self.G / self.D, never a wrapper
+        self.G_fwd, self.D_fwd = self.speed.compile(self.G_train), self.speed.compile(self.D_train)
+        self.G_plain = self.speed.compile(self.G) if self.dist.enabled else self.G_fwd
+        self.D_plain = self.speed.compile(self.D) if self.dist.enabled else self.D_fwd
         self.dashboard = None
 
     def say(self, *args):
@@ -130,6 +142,7 @@ class Trainer:
                     model_args=dict(G=self.G.model_args(), D=self.D.model_args()),
                     G=self.G.state_dict(), D=self.D.state_dict(),
                     opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(),
+                    scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict(),
                     fixed_z=self.fixed_z.cpu(), rng=rng_state(),
                     **({"G_ema": self.ema.state_dict()} if self.ema else {}))
 
@@ -184,6 +197,11 @@ class Trainer:
         for opt, lr in ((self.opt_g, cfg.g_lr), (self.opt_d, cfg.d_lr)):
             for group in opt.param_groups:  # the command line wins: a lower lr after a divergence
                 group["lr"] = lr
+        for name in ("scaler_g", "scaler_d"):
+            # empty when saved by an fp32/bf16 run (or absent in older checkpoints): an fp16 run
+            # resumed from it starts its loss scale afresh
+            if ckpt.get(name) and getattr(self, name).is_enabled():
+                getattr(self, name).load_state_dict(ckpt[name])
         self.fixed_z = ckpt["fixed_z"].to(self.device)
         self.step = ckpt["step"]
         set_rng_state(ckpt["rng"])
@@ -245,6 +263,59 @@ class Trainer:
             self.dashboard.image("samples", images, caption=f"fixed z, {who}, step {self.step}")
         return path
 
+    # ------------------------------------------------------------------ one iteration
+    def train_step(self, real):
+        """One D update then one G update on a batch `real` already on the device.
+
+        Returns the losses as 0-dim tensors, left on the device: reading them would wait for the
+        GPU, so the loop only does that at log steps.
+        """
+        cfg, G, D = self.config, self.G_fwd, self.D_fwd
+        B = real.shape[0]
+        real = self.speed.layout(real)
+
+        # ================== D step: push D(real) up, D(G(z)) down ================== #
+        z = self.noise((B, cfg.z_dim))
+        if cfg.reuse_fake:
+            with self.speed.autocast():
+                fake_for_g = G(z)  # graph kept: the G step backpropagates through these images
+            fake = fake_for_g.detach()
+        else:
+            with torch.no_grad(), self.speed.autocast():
+                fake = self.G_plain(z)
+        with self.speed.autocast():
+            # real and fake in one forward: D has no batch-dependent layers, so the scores are the
+            # same as from two forwards, and spectral norm runs one power iteration per D update
+            # (Miyato et al.'s Algorithm 1) instead of one per forward
+            scores = D(torch.cat([real, fake])).float()
+        d_loss_real, d_loss_fake = D_LOSSES[cfg.adv_loss](scores[:B], scores[B:])
+        d_loss = d_loss_real + d_loss_fake
+        losses = dict(d_loss_real=d_loss_real, d_loss_fake=d_loss_fake)
+        if cfg.adv_loss == "wgan-gp":
+            with self.speed.autocast():
+                # the plain D: the penalty's parameter gradients reach DDP's hooks in d_loss.backward()
+                losses["d_gp"] = gradient_penalty(self.D_plain, real, fake, self.uniform((B, 1, 1, 1))).float()
+            d_loss = d_loss + cfg.lambda_gp * losses["d_gp"]
+        self.opt_d.zero_grad(set_to_none=True)
+        self.scaler_d.scale(d_loss).backward()
+        self.scaler_d.step(self.opt_d)
+        self.scaler_d.update()
+
+        # ================== G step: fresh z, push D(G(z)) up ================== #
+        # the plain D: its gradients here would be thrown away, so DDP must not wait for them
+        self.D.requires_grad_(False)
+        with self.speed.autocast():
+            fake = fake_for_g if cfg.reuse_fake else G(self.noise((B, cfg.z_dim)))
+            g_loss = g_adversarial(self.D_plain(fake).float())
+        self.opt_g.zero_grad(set_to_none=True)
+        self.scaler_g.scale(g_loss).backward()
+        self.scaler_g.step(self.opt_g)
+        self.scaler_g.update()
+        self.D.requires_grad_(True)
+
+        losses.update(d_loss=d_loss.detach(), g_loss=g_loss.detach())
+        return losses
+
     # ------------------------------------------------------------------ the loop
     def train(self):
         """Train to --total_step; Ctrl-C / SIGTERM stop it at a step boundary, saved (Interrupted)."""
@@ -253,8 +324,6 @@ class Trainer:
 
     def _train(self):
         cfg, G, D, device = self.config, self.G, self.D, self.device
-        G_train, D_train = self.G_train, self.D_train  # DDP-wrapped under torchrun, else G and D
-        d_objective = D_LOSSES[cfg.adv_loss]
         batches = training_batches(self.dataset, cfg, self.step, self.dist.rank, self.dist.world_size)
         G.train(), D.train()
         sums, n_sums, tick = {}, 0, time.time()
@@ -265,36 +334,12 @@ class Trainer:
 
         while self.step < cfg.total_step:
             real = next(batches).to(device, non_blocking=True)
-            B = real.shape[0]
-
-            # ================== D step: push D(real) up, D(G(z)) down ================== #
-            with torch.no_grad():
-                fake = G(self.noise((B, cfg.z_dim)))
-            d_loss_real, d_loss_fake = d_objective(D_train(real), D_train(fake))
-            d_loss = d_loss_real + d_loss_fake
-            losses = dict(d_loss_real=d_loss_real, d_loss_fake=d_loss_fake)
-            if cfg.adv_loss == "wgan-gp":
-                # the plain D: the penalty's parameter gradients reach DDP's hooks in d_loss.backward()
-                losses["d_gp"] = gradient_penalty(D, real, fake, self.uniform((B, 1, 1, 1)))
-                d_loss = d_loss + cfg.lambda_gp * losses["d_gp"]
-            self.opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self.opt_d.step()
-
-            # ================== G step: fresh z, push D(G(z)) up ================== #
-            # the plain D: its gradients here would be thrown away, so DDP must not wait for them
-            D.requires_grad_(False)
-            g_loss = g_adversarial(D(G_train(self.noise((B, cfg.z_dim)))))
-            self.opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            self.opt_g.step()
-            D.requires_grad_(True)
+            losses = self.train_step(real)
             self.step += 1
             if self.ema:
                 self.ema.update(self.step)
 
             # ================== log / sample / save ================== #
-            losses.update(d_loss=d_loss, g_loss=g_loss)
             for k, v in losses.items():  # summed on device: no sync until a log step
                 sums[k] = sums.get(k, 0.0) + v.detach()
             n_sums += 1

@@ -373,8 +373,9 @@ def test_dataset_reads_odd_modes_and_replaces_unreadable_files(tmp_path):
 
 def test_training_goes_on_over_bad_files_named_once_counted_per_epoch(tmp_path, recwarn, capsys):
     root, bad = make_messy_folder(tmp_path / "imgs")
+    # --cache off: files decoded every epoch (the cache meets each bad file once, tests/test_cache.py)
     args = TINY + out_args(tmp_path) + ["--dataset", "celeb", "--image_path", str(root),
-                                        "--num_workers", "1", "--total_step", "12",
+                                        "--num_workers", "1", "--total_step", "12", "--cache", "off",
                                         "--model_save_step", "12"]  # 3 epochs of 4 batches
     assert run_inprocess(args) is None
     named = [str(w.message) for w in recwarn if "unreadable image" in str(w.message)]
