@@ -204,7 +204,7 @@ def test_training_run_shows_on_the_dashboard_in_chromium(server, tmp_path):
         loss="plot", gamma="plot", samples="image", attention="image")
     # refreshed at every sample step: the panes hold the last one (the final step)
     assert windows["attention"]["content"]["caption"].startswith(f"step {total}, first fixed z")
-    assert windows["samples"]["content"]["caption"] == f"fixed z, step {total}"
+    assert windows["samples"]["content"]["caption"] == f"fixed z, EMA G, step {total}"  # EMA on by default
 
     # the page shows it (the browser's DOM)
     browser = Chromium()

@@ -82,7 +82,7 @@ def test_data_order_is_a_function_of_seed_and_step():
 
 
 def test_too_few_images_for_a_batch():
-    with pytest.raises(ValueError, match="fewer than --batch_size 8"):
+    with pytest.raises(ValueError, match="fewer than the global batch 8: lower --batch_size"):
         StepBatchSampler(5, 8, seed=0)
 
 
