@@ -37,16 +37,16 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, fsync, then rename over `path`.
+def _atomic_write(path, mode, write):
+    """write(file) into a temporary file beside `path`, fsync, then rename over `path`.
 
     A crash or a full disk leaves either the old file or the new one, never half of one.
     """
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -57,20 +57,14 @@ def atomic_save(obj, path):
     _fsync_dir(folder)
 
 
+def atomic_save(obj, path):
+    """torch.save `obj` to `path` atomically."""
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(path, text):
     """Replace a small text file (metrics, config) so that a kill leaves the old or the new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def _pid_alive(pid):
