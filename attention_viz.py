@@ -466,6 +466,16 @@ def _mark(ax, attn_map, cell, img_hw, k, color="red", dots=True):
         draw_topk(ax, [cell_to_pixel(i, j, (H, W), units) for i, j, _ in top], [w for *_, w in top])
 
 
+
+def _finish(fig, axes, title):
+    """Small tick labels, the figure's title, a tight layout: (fig, axes) as every plot returns."""
+    for ax in axes.values():
+        ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig, axes
+
 def plot_query(image, attn_map, cell, feature=None, k=TOPK, upsample="nearest", stats=None,
                title=None):
     """The seed README's figure, right, for one query cell of one layer.
@@ -532,12 +542,7 @@ def plot_layers(image, entries, pixel=None, k=TOPK, upsample="nearest", title=No
                      fontsize=9)
         if e.get("stats"):
             ax.set_xlabel(stats_text(e["stats"]), fontsize=7, family="monospace")
-    for ax in axes.values():
-        ax.tick_params(labelsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig, axes
+    return _finish(fig, axes, title)
 
 
 def plot_queries(image, entries, k=TOPK, upsample="nearest", title=None):
@@ -563,12 +568,7 @@ def plot_queries(image, entries, k=TOPK, upsample="nearest", title=None):
             side.set_edgecolor(color), side.set_linewidth(3)
         if e.get("stats"):
             ax.set_xlabel(stats_text(e["stats"]), fontsize=7, family="monospace")
-    for ax in axes.values():
-        ax.tick_params(labelsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig, axes
+    return _finish(fig, axes, title)
 
 
 def plot_grid(images, maps, cell, k=TOPK, ncols=4, show_map=True, upsample="nearest", titles=None,
@@ -619,12 +619,7 @@ def plot_saliency(image, saliency, title=None):
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
         s = np.asarray(sal)
         ax.set_title(f"{name}: attention received\nmax {s.max():.1f}x uniform", fontsize=9)
-    for ax in axes.values():
-        ax.tick_params(labelsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig, axes
+    return _finish(fig, axes, title)
 
 
 def save_figure(fig, path, dpi=100):

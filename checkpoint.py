@@ -120,12 +120,21 @@ def save_checkpoint(state, run_dir, keep_last=0):
     return path
 
 
-def list_checkpoints(run_dir):
-    """Step checkpoints in run_dir, oldest first."""
+def _step_files(run_dir):
+    """(step, file name) of every step checkpoint in run_dir, oldest first."""
     if not os.path.isdir(run_dir):
         return []
-    found = sorted((int(m.group(1)), f) for f in os.listdir(run_dir) if (m := CKPT_RE.match(f)))
-    return [os.path.join(run_dir, f) for _, f in found]
+    return sorted((int(m.group(1)), f) for f in os.listdir(run_dir) if (m := CKPT_RE.match(f)))
+
+
+def list_checkpoints(run_dir):
+    """Step checkpoints in run_dir, oldest first."""
+    return [os.path.join(run_dir, f) for _, f in _step_files(run_dir)]
+
+
+def saved_steps(run_dir):
+    """The steps run_dir holds checkpoints of, oldest first."""
+    return [step for step, _ in _step_files(run_dir)]
 
 
 def load_checkpoint(path, map_location="cpu"):

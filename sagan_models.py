@@ -144,6 +144,17 @@ class Self_Attn(nn.Module):
         return out, attention
 
 
+def _ladder(net, x, return_attn, queries):
+    """Run `net`'s blocks, each followed by its attention layer where it has one: (x, {res: map})."""
+    maps = {}
+    for res, block in zip(net.resolutions, net.blocks):
+        x = block(x)  # (B, C, res, res)
+        if str(res) in net.attn:
+            q = queries.get(res) if queries else None
+            x, maps[res] = net.attn[str(res)](x, return_attn=return_attn, queries=q)
+    return x, maps
+
+
 class Generator(nn.Module):
     """z (B, z_dim) -> image (B, 3, imsize, imsize) in [-1, 1].
 
@@ -178,12 +189,7 @@ class Generator(nn.Module):
         """With return_attn, returns (image, {resolution: attention}); `queries` maps a resolution
         to the flattened query indices wanted there (see Self_Attn), other layers give full maps."""
         x = z.reshape(z.shape[0], self.z_dim, 1, 1)  # (B, z_dim, 1, 1)
-        maps = {}
-        for res, block in zip(self.resolutions, self.blocks):
-            x = block(x)  # (B, C, res, res)
-            if str(res) in self.attn:
-                q = queries.get(res) if queries else None
-                x, maps[res] = self.attn[str(res)](x, return_attn=return_attn, queries=q)
+        x, maps = _ladder(self, x, return_attn, queries)
         img = self.last(x)  # (B, 3, imsize, imsize)
         return (img, maps) if return_attn else img
 
@@ -216,11 +222,6 @@ class Discriminator(nn.Module):
         return dict(image_size=self.image_size, conv_dim=self.conv_dim, attn_res=list(self.attn_res))
 
     def forward(self, x, return_attn=False, queries=None):
-        maps = {}
-        for res, block in zip(self.resolutions, self.blocks):
-            x = block(x)  # (B, C, res, res)
-            if str(res) in self.attn:
-                q = queries.get(res) if queries else None
-                x, maps[res] = self.attn[str(res)](x, return_attn=return_attn, queries=q)
+        x, maps = _ladder(self, x, return_attn, queries)
         score = self.last(x).flatten()  # (B,)
         return (score, maps) if return_attn else score

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from checkpoint import (CheckpointError, atomic_write_text, ckpt_name, list_checkpoints, load_checkpoint,
-                        remove_stale_temps, save_checkpoint)
+from checkpoint import (CheckpointError, atomic_write_text, ckpt_name, load_checkpoint, remove_stale_temps,
+                        save_checkpoint, saved_steps)
 from data_loader import training_batches
-from safety import Diverged, FiniteWatch, Interrupted, StopSignals, params_finite
 from distributed import DistInfo, max_over_ranks, mean_over_ranks, sync_batchnorm, wrap
 from ema import EMA
+from safety import Diverged, FiniteWatch, Interrupted, StopSignals, params_finite
 from sagan_models import Discriminator, Generator
 from speed import Speed
 from utils import default, denorm, exists, pick_device, rng_state, seed_everything, set_rng_state
@@ -84,7 +84,7 @@ class Trainer:
 
         self.G = Generator(config.imsize, config.z_dim, config.g_conv_dim, config.g_attn).to(self.device)
         self.D = Discriminator(config.imsize, config.d_conv_dim, config.d_attn).to(self.device)
-        if getattr(config, "sync_bn", False) and self.dist.enabled:
+        if config.sync_bn and self.dist.enabled:
             self.G = sync_batchnorm(self.G, self.device)  # before the optimizer sees G's parameters
         self.speed = Speed(config, self.device)
         self.G, self.D = self.speed.prepare(self.G), self.speed.prepare(self.D)
@@ -99,8 +99,7 @@ class Trainer:
         self.step = 0
         self.watch = FiniteWatch(self.device)
         self.last_saved = None  # (step, path) of the newest checkpoint known to be good
-        ema_decay = getattr(config, "ema_decay", 0.0)
-        self.ema = EMA(self.G, ema_decay, getattr(config, "ema_start", 0)) if ema_decay > 0 else None
+        self.ema = EMA(self.G, config.ema_decay, config.ema_start) if config.ema_decay > 0 else None
 
         if config.resume or exists(config.pretrained_model):
             self.resume()
@@ -119,22 +118,22 @@ class Trainer:
         if self.dist.is_main:
             print(*args, flush=True)
 
-    def noise(self, shape):
-        """Standard normal noise for this rank's slice of the global batch.
+    def _rank_slice(self, draw, shape):
+        """This rank's slice of noise drawn for the whole global batch.
 
-        Every rank draws the whole global batch's noise from the same stream and keeps its slice:
+        Every rank draws the global batch's noise from the same stream and keeps its slice:
         (B * world_size, ...) -> (B, ...). The run is then the same computation at any world size,
         and one RNG state (rank 0's, in the checkpoint) resumes every rank.
         """
-        B, world = shape[0], self.dist.world_size
-        full = torch.randn(B * world, *shape[1:], device=self.device)
+        B = shape[0]
+        full = draw(B * self.dist.world_size, *shape[1:], device=self.device)
         return full[self.dist.rank * B:(self.dist.rank + 1) * B]
 
+    def noise(self, shape):
+        return self._rank_slice(torch.randn, shape)
+
     def uniform(self, shape):
-        """Like noise(), uniform on [0, 1)."""
-        B, world = shape[0], self.dist.world_size
-        full = torch.rand(B * world, *shape[1:], device=self.device)
-        return full[self.dist.rank * B:(self.dist.rank + 1) * B]
+        return self._rank_slice(torch.rand, shape)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self):
@@ -178,7 +177,7 @@ class Trainer:
         else:
             path = os.path.join(self.run_dir, "latest.pt")
         if not os.path.isfile(path):
-            steps = [int(os.path.basename(p)[5:12]) for p in list_checkpoints(self.run_dir)]
+            steps = saved_steps(self.run_dir)
             raise CheckpointError(f"nothing to resume: {path!r} does not exist (saved steps: "
                                   f"{', '.join(map(str, steps)) or 'none'}); check --version and "
                                   f"--model_save_path, or start without --resume")
@@ -327,7 +326,6 @@ class Trainer:
         batches = training_batches(self.dataset, cfg, self.step, self.dist.rank, self.dist.world_size)
         G.train(), D.train()
         sums, n_sums, tick = {}, 0, time.time()
-        last_saved = None
         if self.ema:
             self.say(f"EMA generator: decay {self.ema.decay} from step {self.ema.start}; "
                      f"samples and checkpoints' default generator use it")
@@ -359,14 +357,14 @@ class Trainer:
                 if self.step % cfg.sample_step == 0 or self.step == cfg.total_step:
                     self.sample()
                 if self.step % cfg.model_save_step == 0 or self.step == cfg.total_step:
-                    last_saved = self.save()
+                    self.save()
             # every rank stops at the same step, or the others would wait in a collective forever
             signum = max_over_ranks(self.stop.signum or 0) if self.dist.enabled else self.stop.signum
             if signum and self.step < cfg.total_step:
                 if self.dist.is_main and not (self.last_saved and self.last_saved[0] == self.step):
                     self.save()
                 raise Interrupted(signum, self.step, self.last_saved[1] if self.last_saved else None)
-        return last_saved
+        return self.last_saved[1] if self.last_saved else None
 
 
 def status_line(r, total):
