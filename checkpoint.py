@@ -12,13 +12,14 @@ import zipfile
 
 import torch
 
+from cli import UserError
 from sagan_models import Generator
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_save / point_latest temporaries: .<name>.tmp<pid>
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message says which file and why."""
 
 

@@ -24,6 +24,11 @@ PRESETS = {
     "quick": dict(dataset="synthetic", imsize=32, batch_size=32, g_conv_dim=32, d_conv_dim=32,
                   total_step=1500, log_step=20, sample_step=100, model_save_step=200,
                   version="quick", num_workers=0),
+    # the dcgan --dry-run idea: the whole path (data, both steps, log, sample, save) in seconds;
+    # what the tests and CI run
+    "smoke": dict(dataset="synthetic", imsize=32, batch_size=4, z_dim=16, g_conv_dim=8, d_conv_dim=8,
+                  synthetic_size=64, n_samples=4, num_workers=0, total_step=2, log_step=1,
+                  sample_step=2, model_save_step=2, version="smoke", no_visdom=True),
 }
 
 

@@ -1,0 +1,27 @@
+"""What every command shares: one error type for bad input, one argument-parser style.
+
+A bad input (a missing file, a corrupt checkpoint, a flag out of range) ends every command the same
+way: one line `<prog>: error: <what was wrong with which input, and what to do>`, exit status 1
+(argparse's own errors: 2), and no traceback. Anything else is a bug and keeps its traceback.
+"""
+import argparse
+import sys
+
+
+class UserError(Exception):
+    """A bad input; the message is one line naming the input and the fix."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors instead of a usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
+
+
+def run(prog, main, *args, **kwargs):
+    """main(*args, **kwargs), with a UserError turned into the one-line exit."""
+    try:
+        return main(*args, **kwargs)
+    except UserError as e:
+        sys.exit(f"{prog}: error: {e}")
