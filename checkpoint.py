@@ -4,16 +4,16 @@ A checkpoint holds the config, both networks' architecture arguments and weights
 (`G_ema`, when kept), both optimizers, the step and every RNG state, so a Generator can be rebuilt from the file alone and a run resumed
 exactly. `latest.pt` is a hard link to the newest complete checkpoint, swapped in by rename.
 """
+import inspect
 import os
 import pickle
 import re
 import shutil
-import zipfile
 
 import torch
 
-from cli import UserError
-from sagan_models import Generator
+from cli import UserError, reason
+from sagan_models import Discriminator, Generator, check_attn, check_imsize
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_save / point_latest temporaries: .<name>.tmp<pid>
@@ -139,27 +139,107 @@ def saved_steps(run_dir):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint dict with weights_only=True; every failure is a one-line CheckpointError."""
+    """Load a checkpoint dict with weights_only=True and check that it is one this project wrote;
+    every failure is a one-line CheckpointError naming the file."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
+        what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        raise CheckpointError(f"checkpoint {path!r} {what}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message opens with advice to retry with weights_only=False: exactly what a
         # crafted file wants. Quote only the part that names what the file asked for.
-        found = (re.search(p, str(e)) for p in (r"GLOBAL [\w.]+", r"Unsupported [^\n.]+"))
-        asked = next((m.group(0) for m in found if m), "not a weights-only file")
-        raise CheckpointError(
-            f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
-            f"containers, which could run code when unpickled ({asked}); nothing in it was run. "
-            f"Load only checkpoints written by this project") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ckpt, dict) or "G" not in ckpt or "model_args" not in ckpt:
-        raise CheckpointError(f"{path!r} is not a checkpoint of this project (no 'G' / 'model_args'); "
-                              f"seed-repo '*_G.pth' files hold only a state dict of another architecture")
+        if m := re.search(r"GLOBAL [\w.]+", str(e)):
+            what = (f"it holds Python objects other than tensors and plain containers, which could "
+                    f"run code when unpickled ({m.group(0)})")
+        else:  # an opcode the safe unpickler lacks: random bytes as often as another pickle format
+            m = re.search(r"Unsupported [^\n.]+", str(e))
+            what = (f"it is not a weights-only torch file ({m.group(0) if m else reason(e)}): corrupt, "
+                    f"another format, or a pickle of objects that could run code")
+        raise CheckpointError(f"refusing to load {path!r}: {what}; nothing in it was run. "
+                              f"Load only checkpoints written by this project") from None
+    except PermissionError as e:
+        raise CheckpointError(f"checkpoint {path!r} cannot be read ({e.strerror}); check its "
+                              f"permissions") from None
+    except Exception as e:  # on bad bytes torch's readers raise nearly anything (EOFError, OSError,
+        # KeyError, UnicodeDecodeError, ...); none of it is a bug of ours, and nothing in the file ran
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated ({reason(e, 120)}); "
+                              f"use another checkpoint, e.g. an earlier ckpt_*.pt of the run") from None
+    check_contents(ckpt, path)
     return ckpt
+
+
+# what every checkpoint of this project holds (Trainer.state) and its readers rely on; also G_ema
+# (a dict of tensors) when the run kept an EMA, and the fp16 loss scalers' states
+CONTENTS = dict(step=int, config=dict, model_args=dict, G=dict, D=dict, opt_g=dict, opt_d=dict,
+                fixed_z=torch.Tensor, rng=dict)
+NETWORKS = dict(G=Generator, D=Discriminator)  # model_args key -> the class the arguments rebuild
+
+
+def check_contents(ckpt, path):
+    """Raise CheckpointError unless `ckpt` has the keys and types a checkpoint of this project has,
+    and model_args that rebuild both networks: what a reader uses is checked once, here, instead of
+    failing with a TypeError half way through rebuilding a network."""
+    missing = [k for k in CONTENTS if k not in ckpt] if isinstance(ckpt, dict) else []
+    if missing or not isinstance(ckpt, dict):
+        what = f"no {' / '.join(map(repr, missing))}" if missing else f"a {type(ckpt).__name__}, not a dict"
+        raise CheckpointError(f"{path!r} is not a checkpoint of this project ({what}); seed-repo "
+                              f"'*_G.pth' files hold only a state dict of another architecture")
+    for key, kind in CONTENTS.items():
+        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            raise CheckpointError(f"{path!r} is damaged: its {key!r} is {ckpt[key]!r:.60}, not "
+                                  f"{'an integer' if kind is int else 'a ' + kind.__name__}")
+    for key in ("G", "D", "G_ema"):
+        weights = ckpt.get(key, {})
+        if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+            raise CheckpointError(f"{path!r} is damaged: its {key!r} is not a dict of tensors")
+    if "G_ema" in ckpt and _shapes(ckpt["G_ema"]) != _shapes(ckpt["G"]):  # two copies of one network
+        raise CheckpointError(f"{path!r} is damaged: its 'G_ema' and 'G' weights differ in names or shapes")
+    for name in NETWORKS:
+        check_model_args(ckpt["model_args"].get(name), name, path)
+
+
+def _shapes(weights):
+    return {k: tuple(t.shape) for k, t in weights.items()}
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_model_args(args, name, path):
+    """Raise CheckpointError unless `args` are arguments the network `name` ('G' or 'D') takes, of
+    the types it needs: positive integers, and attn_res a list of resolutions that fit the image."""
+    cls, what = NETWORKS[name], f"{path!r}: model_args[{name!r}]"
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{what} is a {type(args).__name__}, not the {cls.__name__}'s arguments")
+    takes = inspect.signature(cls).parameters
+    for arg, value in args.items():
+        if arg not in takes:
+            raise CheckpointError(f"{what} has {arg!r}, which the {cls.__name__} does not take "
+                                  f"(it takes {', '.join(takes)})")
+        if arg == "attn_res":
+            ok, need = isinstance(value, (list, tuple)) and all(map(_is_int, value)), "a list of integers"
+        else:
+            ok, need = _is_int(value) and value > 0, "a positive integer"
+        if not ok:
+            raise CheckpointError(f"{what}[{arg!r}] is {value!r:.60}, not {need}")
+    try:
+        image_size = args.get("image_size", takes["image_size"].default)
+        check_imsize(image_size)
+        check_attn(image_size, args.get("attn_res", takes["attn_res"].default), name.lower())
+    except ValueError as e:
+        raise CheckpointError(f"{what} cannot build a {cls.__name__}: {e}") from None
+
+
+def restore(apply, ckpt, key, path):
+    """apply(ckpt[key]), e.g. G.load_state_dict or set_rng_state; a stored state that does not fit
+    what it should restore is a CheckpointError naming the file and the part."""
+    try:
+        apply(ckpt[key])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path!r}: its {key!r} cannot be restored ({reason(e, 200)}); the file "
+                              f"is damaged: use another checkpoint") from None
 
 
 def load_generator(path, device="cpu", ema=True, verbose=True):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 from checkpoint import (CheckpointError, atomic_write_text, ckpt_name, load_checkpoint, remove_stale_temps,
-                        save_checkpoint, saved_steps)
+                        restore, save_checkpoint, saved_steps)
 from data_loader import training_batches
 from distributed import DistInfo, max_over_ranks, mean_over_ranks, sync_batchnorm, wrap
 from ema import EMA
@@ -189,10 +189,10 @@ class Trainer:
                 f"{path!r} was trained with " + ", ".join(f"--{k} {saved[k]}" for k in differ)
                 + "; resume with the same architecture flags (now: "
                 + ", ".join(f"--{k} {getattr(cfg, k)}" for k in differ) + ")")
-        self.G.load_state_dict(ckpt["G"])
-        self.D.load_state_dict(ckpt["D"])
-        self.opt_g.load_state_dict(ckpt["opt_g"])
-        self.opt_d.load_state_dict(ckpt["opt_d"])
+        restore(self.G.load_state_dict, ckpt, "G", path)
+        restore(self.D.load_state_dict, ckpt, "D", path)
+        restore(self.opt_g.load_state_dict, ckpt, "opt_g", path)
+        restore(self.opt_d.load_state_dict, ckpt, "opt_d", path)
         for opt, lr in ((self.opt_g, cfg.g_lr), (self.opt_d, cfg.d_lr)):
             for group in opt.param_groups:  # the command line wins: a lower lr after a divergence
                 group["lr"] = lr
@@ -200,14 +200,14 @@ class Trainer:
             # empty when saved by an fp32/bf16 run (or absent in older checkpoints): an fp16 run
             # resumed from it starts its loss scale afresh
             if ckpt.get(name) and getattr(self, name).is_enabled():
-                getattr(self, name).load_state_dict(ckpt[name])
+                restore(getattr(self, name).load_state_dict, ckpt, name, path)
         self.fixed_z = ckpt["fixed_z"].to(self.device)
         self.step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
+        restore(set_rng_state, ckpt, "rng", path)
         own_file = os.path.join(self.run_dir, ckpt_name(self.step))  # what latest.pt links to
         self.last_saved = (self.step, own_file if os.path.isfile(own_file) else path)
         if self.ema and "G_ema" in ckpt:
-            self.ema.load_state_dict(ckpt["G_ema"])
+            restore(self.ema.load_state_dict, ckpt, "G_ema", path)
         elif self.ema:
             self.say(f"{path} has no EMA generator: the EMA starts from its G at step {self.step}")
         self._start_metrics(keep_until=self.step)
