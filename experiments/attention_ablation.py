@@ -10,7 +10,6 @@ isn't judged by an average that still remembers the first steps). It prints a ma
 the eye-colour consistency of generated faces against real faces (ceiling) and random pairs (chance),
 and how much attention a query at one eye puts on the other eye against uniform attention.
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
 from checkpoint import ckpt_name, load_generator  # noqa: E402
+from cli import Parser, UserError, run  # noqa: E402
 from data_loader import synthetic_face  # noqa: E402
 from eye_metrics import consistency, eye_colours, eye_layout, other_eye_attention  # noqa: E402
 from utils import denorm  # noqa: E402
@@ -31,7 +31,7 @@ ARMS = {"attn": [], "noattn": ["--g_attn", "none", "--d_attn", "none"]}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="attention_ablation.py", description=__doc__.splitlines()[0])
+    p = Parser(prog="attention_ablation.py", description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--steps", type=int, default=2000, help="generator updates per arm")
     a("--imsize", type=int, default=32)
@@ -70,7 +70,7 @@ def train_arms(args):
         print(f"training '{arm}': {' '.join(cmd[1:])}", flush=True)
     for arm, (proc, log) in procs.items():
         if proc.wait() != 0:
-            sys.exit(f"attention_ablation.py: error: arm '{arm}' failed, see {log.name}")
+            raise UserError(f"arm '{arm}' failed, see {log.name}")
         log.close()
 
 
@@ -113,9 +113,15 @@ def table(rows, tol):
 
 
 def main(argv=None):
+    """`python experiments/attention_ablation.py`: a bad input ends as one line."""
+    return run("attention_ablation.py", ablate, argv)
+
+
+def ablate(argv=None):
+    """Train both arms (unless --score_only), score them and print the table."""
     args = build_parser().parse_args(argv)
     if args.steps <= 0 or args.num_samples < 2:
-        sys.exit("attention_ablation.py: error: --steps must be positive and --num_samples at least 2")
+        raise UserError("--steps must be positive and --num_samples at least 2")
     if not args.score_only:
         train_arms(args)
     torch.set_num_threads(args.threads)
