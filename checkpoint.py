@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 
 import torch
 
@@ -145,7 +146,9 @@ def load_checkpoint(path, map_location="cpu"):
         what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
         raise CheckpointError(f"checkpoint {path!r} {what}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # the safe unpickler's advice on odd files: our error says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message opens with advice to retry with weights_only=False: exactly what a
         # crafted file wants. Quote only the part that names what the file asked for.

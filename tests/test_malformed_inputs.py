@@ -9,6 +9,7 @@ arguments, and ends as the interpreter would. One case per command also runs as 
 """
 import json
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -71,6 +72,7 @@ def write_malformed(real_ckpt, folder):
     data = real_ckpt.read_bytes()
     ckpt = torch.load(real_ckpt, weights_only=True)
     files = {"empty": b"", "random": random.Random(0).randbytes(5000),
+             "a_plain_pickle": pickle.dumps({"step": 1}),  # a protocol torch's safe unpickler warns about
              **{f"cut_{n}": data[:n] for n in (1, 100, 1000, len(data) // 2, len(data) - 10)}}
     not_checkpoints = {
         "a_list": [1, 2, 3],
