@@ -2,13 +2,18 @@
 
 A checkpoint holds the config, both networks' architecture arguments and weights, the EMA generator
 (`G_ema`, when kept), both optimizers, the step and every RNG state, so a Generator can be rebuilt from the file alone and a run resumed
-exactly. `latest.pt` is a hard link to the newest complete checkpoint, swapped in by rename.
+exactly. `latest.pt` is a hard link to the newest complete checkpoint, swapped in by rename. One
+training process at a time holds a run folder (`RunLock`).
 """
+import fcntl
 import inspect
 import os
 import pickle
 import re
 import shutil
+import socket
+import sys
+import time
 import warnings
 
 import torch
@@ -89,6 +94,58 @@ def remove_stale_temps(run_dir):
                 os.remove(os.path.join(run_dir, name))
             except FileNotFoundError:
                 pass
+
+
+class RunLock:
+    """`with RunLock(run_dir):` one training run per run folder, or a UserError naming the run that
+    holds it. Two runs of one folder would overwrite each other's checkpoints and metrics.
+
+    The lock is a POSIX record lock (fcntl.lockf) on run_dir/run.lock. The kernel drops it when the
+    process ends, however it ends, so a run killed with SIGKILL never blocks --resume and there is
+    no stale lock to clean up. Not flock: its lock is shared with forked DataLoader workers, which
+    outlive a killed run by seconds. The file says who holds it, for the second run's message.
+    """
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, "run.lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
+            holder = self._holder()
+            os.close(self.fd)
+            raise UserError(f"run folder {run_dir!r} is in use by {holder}: a second run there would "
+                            f"overwrite its checkpoints and metrics. Wait for it to finish or stop it "
+                            f"(Ctrl-C or kill -INT: it saves first), or pass another --version") from None
+        except OSError as e:  # a file system without locks (ENOLCK): train, as before there was a lock
+            print(f"run folder {run_dir!r} cannot be locked ({e.strerror}): nothing stops a second run "
+                  f"there from overwriting this one's files", file=sys.stderr)
+            return
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+
+    def _holder(self):
+        # read through our own descriptor: the holder writes its line just after locking
+        for _ in range(50):
+            text = os.pread(self.fd, 4096, 0).decode(errors="replace").strip()
+            if text:
+                return text
+            time.sleep(0.01)
+        return "another process (it has not written its pid yet)"
+
+    def release(self):
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # the file no longer names a holder
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
 
 
 def point_latest(run_dir, path):

@@ -5,11 +5,13 @@
     torchrun --nproc_per_node=8 main.py --batch_size 32 ...   # 8 GPUs, global batch 8 x 32 = 256
 """
 import argparse
+import contextlib
 import os
 import sys
 
 import torch
 
+from checkpoint import RunLock
 from cli import Parser, UserError, run
 from data_loader import make_dataset
 from safety import Diverged, Interrupted, resume_command
@@ -207,7 +209,7 @@ def main(argv=None):
 
 
 def train(argv=None):
-    """Check every input, build, train."""
+    """Check every input, hold the run folder (one run per folder), build, train."""
     config = parse_args(argv)
     try:
         info, device = setup_distributed(config.device)
@@ -221,10 +223,11 @@ def train(argv=None):
     say(f"device: {device} ({where}){ranks}")
     run_dir = os.path.join(config.model_save_path, config.version)
     try:
-        if info.is_main:  # rank 0 writes every file: it checks the folders
+        if info.is_main:  # rank 0 writes every file: it checks the folders and holds the run folder
             check_writable(run_dir, "--model_save_path")
             check_writable(os.path.join(config.sample_path, config.version), "--sample_path")
-        fit(config, info, device, say, sys.argv[1:] if argv is None else list(argv))
+        with RunLock(run_dir) if info.is_main else contextlib.nullcontext():
+            fit(config, info, device, say, sys.argv[1:] if argv is None else list(argv))
     finally:
         cleanup_distributed()
 
