@@ -1,7 +1,7 @@
 """Does attention help? Equal-budget runs with and without self-attention on the built-in faces.
 
-    python experiments/attention_ablation.py                 # CPU-sized: 32px, conv_dim 32, 2000 steps
-    python experiments/attention_ablation.py --steps 20000   # longer; reuses and extends the runs
+    python -m experiments.attention_ablation                 # CPU-sized: 32px, conv_dim 32, 2000 steps
+    python -m experiments.attention_ablation --steps 20000   # longer; reuses and extends the runs
 
 Both arms are ordinary `main.py` runs (same seed, data, batch and steps; 'attn' has the default
 attention at 32px, G at 8 and 16, D at 8 and 4; 'noattn' has none), trained side by side and resumed
@@ -18,14 +18,12 @@ import sys
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE]
+from checkpoint import ckpt_name, load_generator
+from data_loader import synthetic_face
+from experiments.eye_metrics import consistency, eye_colours, eye_layout, other_eye_attention
+from utils import denorm
 
-from checkpoint import ckpt_name, load_generator  # noqa: E402
-from data_loader import synthetic_face  # noqa: E402
-from eye_metrics import consistency, eye_colours, eye_layout, other_eye_attention  # noqa: E402
-from utils import denorm  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # main.py's folder
 
 ARMS = {"attn": [], "noattn": ["--g_attn", "none", "--d_attn", "none"]}
 

@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
-
-from eye_metrics import consistency, eye_colours, eye_layout, other_eye_attention  # noqa: E402
-from attention_ablation import real_faces  # noqa: E402
-from data_loader import synthetic_face  # noqa: E402
+from conftest import ROOT
+from data_loader import synthetic_face
+from experiments.attention_ablation import real_faces
+from experiments.eye_metrics import consistency, eye_colours, eye_layout, other_eye_attention
 
 
 def test_eye_colour_score_reads_real_eyes_and_rejects_random_pairs():
@@ -71,10 +69,10 @@ def test_attention_statistic_is_one_for_uniform_and_large_when_eyes_attend_each_
 
 
 def test_ablation_script_runs_both_arms_and_prints_the_table(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "attention_ablation.py"), "--steps", "2",
+    cmd = [sys.executable, "-m", "experiments.attention_ablation", "--steps", "2",
            "--conv_dim", "8", "--z_dim", "16", "--batch_size", "4", "--synthetic_size", "64",
            "--num_samples", "16", "--out", str(tmp_path / "abl")]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 5, proc.stdout

@@ -1,14 +1,10 @@
 """The dashboard's attention panel: query pixels -> map cells, the rows G gives, the picture drawn."""
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dashboard import (FACE_QUERIES, PANEL_HEAD, PANEL_SIDE, _colormap, attention_rows,  # noqa: E402
+from dashboard import (FACE_QUERIES, PANEL_HEAD, PANEL_SIDE, _colormap, attention_rows,
                        query_index, render_attention_panel)
-from sagan_models import Generator  # noqa: E402
+from sagan_models import Generator
 
 
 def test_query_index_is_row_major_cell_of_the_pixel():
