@@ -9,6 +9,7 @@
   run sees exactly the batches the uninterrupted run would have. An unreadable file (truncated,
   corrupt, not an image, empty) is replaced by the next readable one and named once in a warning.
 """
+import bisect
 import os
 import signal
 import warnings
@@ -16,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CELEBA_HINT = ("get CelebA's img_align_celeba.zip (Align&Cropped Images) from "
@@ -178,10 +179,47 @@ class SyntheticFaces(Dataset):
         return to_tensor(self.face(i)[0])
 
 
+class ImageFolders(ConcatDataset):
+    """Several image folders as one dataset, each prepared with its own crop (e.g. full-size CelebA
+    cut at 160 and half-size CelebA cut at 80: the same faces' framing at two resolutions)."""
+
+    def checked_item(self, i):
+        k = bisect.bisect_right(self.cumulative_sizes, i)
+        d, j = self.datasets[k], i - (self.cumulative_sizes[k - 1] if k else 0)
+        return d.checked_item(j) if hasattr(d, "checked_item") else (d[j], [])
+
+
+def folder_crops(config):
+    """[(folder, crop)] of --image_path and --center_crop (one crop for every folder, or one each)."""
+    paths, crops = list(config.image_path), list(config.center_crop)
+    if len(crops) == 1:
+        crops *= len(paths)
+    if len(crops) != len(paths):
+        raise ValueError(f"--center_crop has {len(crops)} values for {len(paths)} --image_path folders: "
+                         f"give one crop for all of them or one per folder, in the same order")
+    return list(zip(paths, crops))
+
+
+def crop_for(config, folder):
+    """The crop a run (its saved config dict) used for `folder`, else its first crop (older runs
+    saved a single folder and crop)."""
+    paths, crops = config.get("image_path", []), config.get("center_crop", 160)
+    if isinstance(crops, int):
+        return crops
+    paths = [paths] if isinstance(paths, str) else paths
+    same = [c for p, c in zip(paths, crops) if os.path.abspath(p) == os.path.abspath(folder)]
+    return (same or crops)[0]
+
+
 def make_dataset(config):
     if config.dataset == "synthetic":
         return SyntheticFaces(config.synthetic_size, config.imsize, config.seed)
-    folder = ImageFolderFlat(config.image_path, config.imsize, config.center_crop)
+    parts = [image_folder(path, crop, config) for path, crop in folder_crops(config)]
+    return parts[0] if len(parts) == 1 else ImageFolders(parts)
+
+
+def image_folder(path, crop, config):
+    folder = ImageFolderFlat(path, config.imsize, crop)
     if config.cache == "off":
         return folder
     from image_cache import cached  # decoded once into a memory-mapped file (image_cache.py)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from checkpoint import CheckpointError, atomic_save, load_checkpoint, load_generator
-from data_loader import ImageFolderFlat, find_images
+from data_loader import ImageFolderFlat, crop_for, find_images
 from utils import pick_device
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -216,7 +216,7 @@ def evaluate(args):
         raise EvalError(f"--real {args.real!r} is not a folder of images")
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
-    crop = args.center_crop if args.center_crop is not None else ckpt["config"].get("center_crop", 160)
+    crop = args.center_crop if args.center_crop is not None else crop_for(ckpt["config"], args.real)
     G = load_generator(args.checkpoint, device, ema=not args.raw_g)
     features = make_features(args.features, args.feature_weights).to(device)
 

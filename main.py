@@ -11,7 +11,7 @@ import sys
 import torch
 
 from checkpoint import CheckpointError
-from data_loader import make_dataset
+from data_loader import folder_crops, make_dataset
 from safety import Diverged, Interrupted, resume_command
 from distributed import cleanup_distributed, setup_distributed
 from sagan_models import check_attn, check_imsize, default_attn
@@ -97,9 +97,11 @@ def build_parser():
       help="continue from the checkpoint saved at STEP")
     # data
     a("--dataset", default="celeb", choices=["celeb", "synthetic"])
-    a("--image_path", default="dataset/celebA", help="folder of images, any nesting")
-    a("--center_crop", type=int, default=160,
-      help="side of the centre square cut before resizing (CelebA: 160); 0 = largest square")
+    a("--image_path", nargs="+", default=["dataset/celebA"], metavar="FOLDER",
+      help="folder(s) of images, any nesting; several folders train as one dataset")
+    a("--center_crop", type=int, nargs="+", default=[160], metavar="SIDE",
+      help="side of the centre square cut before resizing, one for every --image_path folder or one "
+           "each in the same order (CelebA: 160; its half-size copy: 80); 0 = largest square")
     a("--cache", default="auto", choices=["auto", "off"],
       help="auto: decode the image folder once into a uint8 memory-mapped cache at --imsize and "
            "train from it (rebuilt when the images, --imsize or --center_crop change); off: decode "
@@ -142,9 +144,12 @@ def check_config(c):
                  "g_conv_dim", "d_conv_dim", "synthetic_size", "n_samples", "visdom_port"):
         if getattr(c, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(c, name)}")
-    for name in ("num_workers", "keep_last", "center_crop", "lambda_gp", "beta1", "beta2", "ema_start"):
+    for name in ("num_workers", "keep_last", "lambda_gp", "beta1", "beta2", "ema_start"):
         if getattr(c, name) < 0:
             raise ValueError(f"--{name} must not be negative, got {getattr(c, name)}")
+    if min(c.center_crop) < 0:
+        raise ValueError(f"--center_crop must not be negative, got {' '.join(map(str, c.center_crop))}")
+    c.center_crop = [crop for _, crop in folder_crops(c)]
     for name in ("g_lr", "d_lr"):
         if not getattr(c, name) > 0:
             raise ValueError(f"--{name} must be positive, got {getattr(c, name)}")
