@@ -119,6 +119,7 @@ def build_parser():
     a("--n_samples", type=int, default=64, help="fixed-z samples drawn at every --sample_step")
     # dashboard
     a("--no_visdom", action="store_true", help="don't talk to a visdom server")
+    a("--visdom", dest="no_visdom", action="store_false", help="talk to it even where a preset says --no_visdom")
     a("--visdom_server", default="http://localhost")
     a("--visdom_port", type=int, default=8097)
     return p

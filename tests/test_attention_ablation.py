@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from attention import cell_to_index, pixel_to_cell  # noqa: E402
-from data_loader import synthetic_face  # noqa: E402
-from experiments.attention_ablation import real_faces  # noqa: E402
-from experiments.eye_metrics import consistency, eye_colours, eye_layout, other_eye_masks, other_eye_ratio  # noqa: E402
+from attention import cell_to_index, pixel_to_cell
+from conftest import ROOT
+from data_loader import synthetic_face
+from experiments.attention_ablation import real_faces
+from experiments.eye_metrics import consistency, eye_colours, eye_layout, other_eye_masks, other_eye_ratio
 
 
 def test_eye_colour_score_reads_real_eyes_and_rejects_random_pairs():
