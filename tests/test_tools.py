@@ -29,7 +29,7 @@ def test_bench_prints_both_implementations_and_a_json_last_line():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--steps", "0"], "-m tools.bench: error: --steps must be positive"),
+    (["--steps", "0"], "tools.bench: error: --steps must be positive"),
     (["--imsize", "48"], "main.py: error: image size must be a power of two"),  # main.py's flags, main.py's check
 ])
 def test_bench_bad_flags_are_one_line(args, message):

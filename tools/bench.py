@@ -28,7 +28,7 @@ from tools.naive_sagan import NaiveTrainer
 from trainer import Trainer
 from utils import pick_device
 
-PROG = "-m tools.bench"  # as run: python -m tools.bench
+PROG = "tools.bench"
 
 
 def bench_args(argv=None):

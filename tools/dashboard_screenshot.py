@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from cli import Parser, UserError, run
 from visdom_server import DEFAULT_PORT
 
-PROG = "-m tools.dashboard_screenshot"  # as run: python -m tools.dashboard_screenshot
+PROG = "tools.dashboard_screenshot"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 # What the page shows, read from the live DOM: every pane's title, each Plotly plot's traces (the

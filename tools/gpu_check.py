@@ -21,7 +21,7 @@ import torch
 from cli import Parser, UserError, run
 from sagan_models import Self_Attn
 
-PROG = "-m tools.gpu_check"  # as run: python -m tools.gpu_check
+PROG = "tools.gpu_check"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # main.py's folder
 # bf16 keeps 8 bits of mantissa: relative error ~4e-3 per rounding, a few roundings deep here
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
