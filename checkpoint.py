@@ -9,11 +9,12 @@ import pickle
 import re
 import shutil
 import zipfile
+from typing import NamedTuple, Optional
 
 import torch
 
 from cli import UserError
-from sagan_models import Generator
+from sagan_models import Discriminator, Generator
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_save / point_latest temporaries: .<name>.tmp<pid>
@@ -156,31 +157,139 @@ def load_checkpoint(path, map_location="cpu"):
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ckpt, dict) or "G" not in ckpt or "model_args" not in ckpt:
+    if not isinstance(ckpt, dict) or not ("G" in ckpt or "G_ema" in ckpt) or "model_args" not in ckpt:
         raise CheckpointError(f"{path!r} is not a checkpoint of this project (no 'G' / 'model_args'); "
                               f"seed-repo '*_G.pth' files hold only a state dict of another architecture")
     return ckpt
 
 
-def load_generator(path, device="cpu", ema=True, verbose=True):
-    """Rebuild the Generator of a checkpoint from the file alone, weights loaded, in eval mode.
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    Uses the EMA generator's weights when the checkpoint has them and `ema` is true (the better
-    samples), the raw trained G otherwise; says which unless `verbose` is false.
+
+def _reason(e):
+    """'TypeName: message' on one line and short, as a one-line error quotes an exception (the
+    message of load_state_dict puts what does not fit on the lines after its first)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def _rebuild(path, ckpt, cls, arch, weights):
+    """cls(**ckpt['model_args'][arch]) with the state dict ckpt[weights] loaded, in eval mode."""
+    damaged = "the file is damaged or not a checkpoint of this project"
+    model_args = ckpt["model_args"]
+    if not isinstance(model_args, dict) or arch not in model_args:
+        found = f"keys {sorted(map(str, model_args))}" if isinstance(model_args, dict) else type(model_args).__name__
+        raise CheckpointError(f"{path!r}: its model_args has no {arch!r} (found {found:.80}); {damaged}")
+    args = model_args[arch]
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{path!r}: model_args[{arch!r}] is {type(args).__name__}, not a dict of "
+                              f"architecture arguments; {damaged}")
+    # a crafted or damaged file can hold anything here: only ints and lists of ints reach the constructor
+    for k, v in args.items():
+        if not (isinstance(k, str) and (_is_int(v) or isinstance(v, list) and all(map(_is_int, v)))):
+            raise CheckpointError(f"{path!r}: model_args[{arch!r}][{k!r}] is {v!r:.40} ({type(v).__name__}), "
+                                  f"not an integer or a list of integers; {damaged}")
+    state = ckpt.get(weights)
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in state.items())):
+        raise CheckpointError(f"{path!r}: {weights!r} is not a state dict of tensors; {damaged}")
+    try:
+        net = cls(**args)
+        net.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as e:  # unknown argument, bad size, weights that don't fit
+        raise CheckpointError(f"{path!r}: cannot rebuild {weights} from the stored architecture "
+                              f"model_args[{arch!r}] ({_reason(e)})") from None
+    return net.eval()
+
+
+class Models(NamedTuple):
+    """The networks of a checkpoint, as load_models rebuilds them."""
+    G: Generator
+    D: Optional[Discriminator]  # None unless asked for
+    step: Optional[int]
+    ema: bool                   # G holds the EMA weights (G_ema)
+    config: dict                # the run's config, as saved
+
+    @property
+    def generator(self):
+        """How messages, figure titles and tables name the G they show."""
+        return "EMA G" if self.ema else "raw G"
+
+
+def load_models(path, device="cpu", ema=True, with_d=False, verbose=True):
+    """Rebuild the networks of a checkpoint from the file alone, weights loaded, in eval mode: the
+    one way every command, the explorer and the experiments open a checkpoint.
+
+    G holds the EMA generator's weights when the checkpoint has them and `ema` is true (the better
+    samples, and the generator the run's sample grids and dashboard showed), the raw trained G
+    otherwise; says which unless `verbose` is false. D only `with_d`. Every failure is a one-line
+    CheckpointError naming the file.
     """
     ckpt = load_checkpoint(path)
+    config, step = ckpt.get("config", {}), ckpt.get("step")
+    if not isinstance(config, dict) or not (step is None or _is_int(step)):
+        raise CheckpointError(f"{path!r}: its 'config' is not a dict or its 'step' not an integer; the "
+                              f"file is damaged or not a checkpoint of this project")
     use_ema = ema and "G_ema" in ckpt
-    G = Generator(**ckpt["model_args"]["G"])
-    try:
-        G.load_state_dict(ckpt["G_ema"] if use_ema else ckpt["G"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path!r}: weights do not fit the stored architecture "
-                              f"({str(e).splitlines()[0][:160]})") from None
+    if not use_ema and "G" not in ckpt:
+        raise CheckpointError(f"{path!r} is an exported model holding only the EMA generator: "
+                              f"open it without --raw_g (ema=True)")
+    if with_d and "D" not in ckpt:
+        raise CheckpointError(f"{path!r} holds no discriminator: open it without the D layers "
+                              f"(--with_d / --d_image / with_d=True need a training checkpoint)")
+    G = _rebuild(path, ckpt, Generator, "G", "G_ema" if use_ema else "G").to(device)
+    D = _rebuild(path, ckpt, Discriminator, "D", "D").to(device) if with_d else None
     if verbose:
         if use_ema:
-            print(f"{path}: EMA generator weights (decay {ckpt['config'].get('ema_decay')}); "
+            print(f"{path}: EMA generator weights (decay {config.get('ema_decay')}); "
                   f"ema=False / --raw_g for the raw G")
         else:
             print(f"{path}: raw generator weights" + ("" if ema else " (EMA not requested)")
                   + ("" if "G_ema" in ckpt else " (no EMA in this checkpoint)"))
-    return G.to(device).eval()
+    return Models(G, D, step, use_ema, config)
+
+
+def load_generator(path, device="cpu", ema=True, verbose=True):
+    """The Generator of a checkpoint, EMA weights unless ema=False: load_models' G."""
+    return load_models(path, device, ema=ema, verbose=verbose).G
+
+
+# ----------------------------------------------------------------------------- sharing a model
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHOWCASE = os.path.join(ROOT, "assets", "showcase_celeba64.pt")  # tools/showcase.py makes it
+
+
+def export_models(path, out, with_d=True):
+    """A small copy of a checkpoint for sharing: the EMA generator (the raw G when there is none)
+    and, `with_d`, D, in fp16, with the step, config and model_args; no optimizer or RNG state, so
+    it can be explored but not resumed. load_models opens it like any checkpoint."""
+    def half(state):
+        return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+    ckpt = load_checkpoint(path)
+    small = dict(step=ckpt.get("step"), config=ckpt.get("config", {}), exported_from=os.path.basename(path),
+                 model_args=ckpt["model_args"])
+    small["G_ema" if "G_ema" in ckpt else "G"] = half(ckpt.get("G_ema", ckpt.get("G")))
+    if with_d:
+        small["D"] = half(ckpt["D"])
+    atomic_save(small, out)
+    return out
+
+
+def find_checkpoint(path=None, runs="models"):
+    """(checkpoint, why) the explorer opens: `path` when given, else $SAGAN_CHECKPOINT, else the
+    newest local run's latest.pt under `runs`, else the showcase model shipped in assets/."""
+    if path:
+        return path, "given"
+    if os.environ.get("SAGAN_CHECKPOINT"):
+        return os.environ["SAGAN_CHECKPOINT"], "from $SAGAN_CHECKPOINT"
+    local = [p for p in (os.path.join(runs, d, "latest.pt") for d in sorted(os.listdir(runs)))
+             if os.path.isfile(p)] if os.path.isdir(runs) else []
+    if local:
+        return max(local, key=os.path.getmtime), f"the newest run under {runs}/"
+    if os.path.isfile(SHOWCASE):
+        return SHOWCASE, "no --checkpoint and no local run: the showcase model shipped in assets/"
+    raise CheckpointError(f"no checkpoint given, no run under {runs!r} and no showcase model at "
+                          f"{SHOWCASE!r}: pass --checkpoint (or set SAGAN_CHECKPOINT), or train one "
+                          f"with `make demo`")

@@ -1,14 +1,17 @@
 """Does attention help? Equal-budget runs with and without self-attention on the built-in faces.
 
-    python experiments/attention_ablation.py                 # CPU-sized: 32px, conv_dim 32, 2000 steps
-    python experiments/attention_ablation.py --steps 20000   # longer; reuses and extends the runs
+    python -m experiments.attention_ablation                 # CPU-sized: 32px, conv_dim 32, 2000 steps
+    python -m experiments.attention_ablation --steps 20000   # longer; reuses and extends the runs
+
+(from the repository root, as a module: it imports the project's modules from there).
 
 Both arms are ordinary `main.py` runs (same seed, data, batch and steps; 'attn' has the default
 attention at 32px, G at 8 and 16, D at 8 and 4; 'noattn' has none), trained side by side and resumed
 when their folders exist. Scores use the raw G (runs are made with --ema_decay 0, so a short budget
 isn't judged by an average that still remembers the first steps). It prints a markdown table:
 the eye-colour consistency of generated faces against real faces (ceiling) and random pairs (chance),
-and how much attention a query at one eye puts on the other eye against uniform attention.
+and how much attention a query at one eye (attention.FACE_QUERIES, the explorer's and the dashboard's
+eyes) puts on the other eye against uniform attention.
 """
 import argparse
 import os
@@ -18,20 +21,19 @@ import sys
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE]
+from attention import face_pixels
+from checkpoint import ckpt_name, load_generator
+from data_loader import synthetic_face
+from experiments.eye_metrics import consistency, eye_colours, eye_layout, other_eye_attention
+from utils import denorm
 
-from checkpoint import ckpt_name, load_generator  # noqa: E402
-from data_loader import synthetic_face  # noqa: E402
-from eye_metrics import consistency, eye_colours, eye_layout, other_eye_attention  # noqa: E402
-from utils import denorm  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where main.py is
 
 ARMS = {"attn": [], "noattn": ["--g_attn", "none", "--d_attn", "none"]}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="attention_ablation.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.attention_ablation", description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--steps", type=int, default=2000, help="generator updates per arm")
     a("--imsize", type=int, default=32)
@@ -70,7 +72,7 @@ def train_arms(args):
         print(f"training '{arm}': {' '.join(cmd[1:])}", flush=True)
     for arm, (proc, log) in procs.items():
         if proc.wait() != 0:
-            sys.exit(f"attention_ablation.py: error: arm '{arm}' failed, see {log.name}")
+            sys.exit(f"experiments.attention_ablation: error: arm '{arm}' failed, see {log.name}")
         log.close()
 
 
@@ -89,17 +91,19 @@ def generated_faces(G, n, seed, batch=250):
 
 def score(args):
     layout = eye_layout(args.imsize)
+    faces = face_pixels(args.imsize)
+    eyes = [faces["left eye"], faces["right eye"]]
     rows = []
     real = eye_colours(real_faces(args.num_samples, args.imsize), layout)
     rows.append(("real built-in faces (ceiling)", *consistency(real, args.tol), "-"))
     rows.append(("random pairs of real eyes (chance)", *consistency(real, args.tol, np.random.default_rng(0)), "-"))
     for arm in ARMS:
         path = os.path.join(args.out, "models", arm, ckpt_name(args.steps))
-        G = load_generator(path, ema=False, verbose=False)
+        G = load_generator(path, ema=False)  # says so: the raw G, see the module's docstring
         torch.manual_seed(args.seed)
         imgs, z = generated_faces(G, args.num_samples, args.seed)
-        attn = other_eye_attention(G, z[:256], layout["mean"], args.imsize) if G.attn_res else {}
-        stat = ", ".join(f"G{r}: {v:.2f}x" for r, v in attn.items()) or "n/a (no attention)"
+        attn = other_eye_attention(G, z[:256], eyes)
+        stat = ", ".join(f"{name}: {v:.2f}x" for name, v in attn.items()) or "n/a (no attention)"
         rows.append((f"G {'with' if G.attn_res else 'without'} attention, step {args.steps}",
                      *consistency(eye_colours(imgs, layout), args.tol), stat))
     return rows
@@ -115,7 +119,7 @@ def table(rows, tol):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.steps <= 0 or args.num_samples < 2:
-        sys.exit("attention_ablation.py: error: --steps must be positive and --num_samples at least 2")
+        sys.exit("experiments.attention_ablation: error: --steps must be positive and --num_samples at least 2")
     if not args.score_only:
         train_arms(args)
     torch.set_num_threads(args.threads)

@@ -14,6 +14,7 @@ Real faces give the score's ceiling, random pairs of eyes from different real fa
 import numpy as np
 import torch
 
+from attention import map_hw, pixel_queries, run_net
 from data_loader import synthetic_face
 
 
@@ -56,31 +57,35 @@ def consistency(colours, tol, rng=None):
     return float((d < tol).mean()), float(np.median(d))
 
 
+def other_eye_masks(cells, hw):
+    """(2, N) masks over the keys of an H x W map for query cells `cells` (the two eyes' flattened
+    indices): the 3x3 cells around the other eye, never the query's own cell (at coarse resolutions
+    the regions touch)."""
+    H, W = hw
+    masks = []
+    for e in range(2):
+        oy, ox = divmod(int(cells[1 - e]), W)
+        m = torch.zeros(H, W)
+        m[max(oy - 1, 0):oy + 2, max(ox - 1, 0):ox + 2] = 1
+        m = m.flatten()  # (N,)
+        m[int(cells[e])] = 0
+        masks.append(m)
+    return torch.stack(masks)
+
+
+def other_eye_ratio(rows, masks):
+    """Attention mass of each eye's query row (B, 2, N) on its other-eye region `masks` (2, N), over
+    that region's share under uniform attention (1 = no preference), averaged over images and eyes."""
+    mass = (rows * masks).sum(-1)              # (B, 2)
+    uniform = masks.sum(-1) / masks.shape[-1]  # (2,)
+    return float((mass / uniform).mean())
+
+
 @torch.no_grad()
-def other_eye_attention(G, z, mean_eyes, imsize):
-    """{resolution: ratio} for each attention layer of G: the attention mass a query at one eye puts on
-    the 3x3 cells around the other eye, over that region's share under uniform attention (1 = no
-    preference), averaged over samples and both directions. Eyes sit at the dataset's mean positions."""
-    queries, regions = {}, {}
-    for res in G.attn_res:
-        scale = res / imsize
-        cells = [(int(np.clip(round((x + 0.5) * scale - 0.5), 0, res - 1)),
-                  int(np.clip(round((y + 0.5) * scale - 0.5), 0, res - 1))) for x, y in mean_eyes]
-        queries[res] = torch.tensor([cy * res + cx for cx, cy in cells])  # flattened row-major
-        masks = []
-        for e in range(2):
-            (ox, oy), q = cells[1 - e], cells[e][1] * res + cells[e][0]
-            m = torch.zeros(res, res)
-            m[max(oy - 1, 0):oy + 2, max(ox - 1, 0):ox + 2] = 1
-            m = m.flatten()  # (N,)
-            m[q] = 0  # at coarse resolutions the regions touch: never count the query's own cell
-            masks.append(m)
-        regions[res] = torch.stack(masks)  # (2, N)
-    _, maps = G(z, return_attn=True, queries=queries)  # {res: (B, 2, N)}
-    out = {}
-    for res, attn in maps.items():
-        mask = regions[res]
-        mass = (attn * mask).sum(-1)                # (B, 2)
-        uniform = mask.sum(-1) / mask.shape[-1]     # (2,)
-        out[res] = float((mass / uniform).mean())
-    return out
+def other_eye_attention(G, z, eyes):
+    """{layer name: other_eye_ratio} for each attention layer of G, with queries at the image pixels
+    `eyes` [(x, y) of the left eye, of the right eye], over the images of G(z)."""
+    queries = pixel_queries(G, eyes)
+    _, _, rows = run_net(G, z, queries)  # {name: (B, 2, N)}
+    return {name: other_eye_ratio(r.cpu(), other_eye_masks(queries[name], map_hw(name)))
+            for name, r in rows.items()}

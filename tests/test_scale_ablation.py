@@ -9,11 +9,12 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
+sys.path.insert(0, ROOT)
 
-from eye_metrics import consistency, eye_colours, eye_layout, other_eye_attention  # noqa: E402
-from attention_ablation import real_faces  # noqa: E402
+from attention import cell_to_index, pixel_to_cell  # noqa: E402
 from data_loader import synthetic_face  # noqa: E402
+from experiments.attention_ablation import real_faces  # noqa: E402
+from experiments.eye_metrics import consistency, eye_colours, eye_layout, other_eye_masks, other_eye_ratio  # noqa: E402
 
 
 def test_eye_colour_score_reads_real_eyes_and_rejects_random_pairs():
@@ -43,38 +44,30 @@ def test_eye_colour_score_reads_real_eyes_and_rejects_random_pairs():
     assert d[1] > 0.3 and d[1] > d[0]
 
 
-class _FixedAttentionG:
-    """Just the interface other_eye_attention uses: attention rows that put all mass on key `target`."""
-
-    attn_res = [8]
-
-    def __init__(self, target):
-        self.target = target
-
-    def __call__(self, z, return_attn, queries):
-        q = queries[8]
-        attn = torch.zeros(len(z), len(q), 64)
-        attn[:, :, self.target] = 1.0
-        return None, {8: attn}
+def rows_on(key, B=3, N=64):
+    """Attention rows of both eye queries, (B, 2, N), with all mass on key `key`."""
+    rows = torch.zeros(B, 2, N)
+    rows[:, :, key] = 1.0
+    return rows
 
 
 def test_attention_statistic_is_one_for_uniform_and_large_when_eyes_attend_each_other():
     mean = eye_layout(32, n=300)["mean"]
-    cells = [(int(round((x + 0.5) / 4 - 0.5)), int(round((y + 0.5) / 4 - 0.5))) for x, y in mean]
-    z = torch.zeros(3, 4)
+    cells = [cell_to_index(*pixel_to_cell(x, y, (8, 8), (32, 32)), 8) for x, y in mean]  # 8x8 layer
+    masks = other_eye_masks(cells, (8, 8))
+    assert other_eye_ratio(torch.full((3, 2, 64), 1 / 64), masks) == pytest.approx(1.0)
     # all mass on a far corner: nothing on the other eye
-    assert other_eye_attention(_FixedAttentionG(63), z, mean, 32)[8] == 0.0
+    assert other_eye_ratio(rows_on(63), masks) == 0.0
     # the right eye's cell: the left-eye query scores 1 / (its region's share), the right-eye query 0
-    right = cells[1][1] * 8 + cells[1][0]
-    ratio = other_eye_attention(_FixedAttentionG(right), z, mean, 32)[8]
+    ratio = other_eye_ratio(rows_on(cells[1]), masks)
     assert ratio > 2.0
 
 
 def test_ablation_script_runs_both_arms_and_prints_the_table(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "attention_ablation.py"), "--steps", "2",
+    cmd = [sys.executable, "-m", "experiments.attention_ablation", "--steps", "2",
            "--conv_dim", "8", "--z_dim", "16", "--batch_size", "4", "--synthetic_size", "64",
            "--num_samples", "16", "--out", str(tmp_path / "abl")]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)  # as its docstring says
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 5, proc.stdout
