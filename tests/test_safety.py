@@ -287,7 +287,7 @@ def test_k_steps_resume_k_steps_equals_2k_steps_bitwise(tmp_path):
     assert diff == 0.0
     a = load_checkpoint(str(tmp_path / "models" / "whole" / "latest.pt"))
     b = load_checkpoint(str(tmp_path / "models" / "split" / "latest.pt"))
-    for part in ("G", "D", "fixed_z"):  # weights, BatchNorm statistics, spectral-norm u vectors
+    for part in ("G", "D", "G_ema", "fixed_z"):  # weights, BatchNorm statistics, spectral-norm u vectors
         sa, sb = (a[part], b[part]) if part != "fixed_z" else ({0: a[part]}, {0: b[part]})
         assert all(torch.equal(sa[k], sb[k]) for k in sa), part
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
@@ -313,6 +313,23 @@ def test_every_random_source_is_restored_on_resume(tmp_path):
     assert now["numpy"][0] == saved["numpy"][0] and torch.equal(now["numpy"][1], saved["numpy"][1])
     assert now["numpy"][2:] == saved["numpy"][2:]
     assert now["python"] == saved["python"]
+
+
+def test_resume_checks_the_stored_architecture_and_starts_a_missing_ema_from_g(tmp_path):
+    from trainer import Trainer
+    from data_loader import make_dataset
+    args = TINY + out_args(tmp_path) + ["--total_step", "2", "--model_save_step", "2", "--g_attn", "8,16"]
+    assert run_inprocess(args + ["--ema_decay", "0"]) is None
+    # the checkpoint's model_args, not its config, say what was trained; the flags that differ are named
+    msg = run_inprocess(args + ["--resume", "--g_conv_dim", "16", "--g_attn", "16", "--d_attn", "none"])
+    assert isinstance(msg, str) and "\n" not in msg, msg
+    assert "was trained with --g_conv_dim 8, --g_attn 8,16, --d_attn 8,4;" in msg, msg
+    assert "(now: --g_conv_dim 16, --g_attn 16, --d_attn none)" in msg, msg
+    # a run that kept no EMA so far: the EMA starts from the resumed G, not from a fresh one
+    config = main.parse_args(args + ["--resume", "--ema_decay", "0.9"])
+    trainer = Trainer(config, make_dataset(config))
+    G, ema = trainer.G.state_dict(), trainer.ema.state_dict()
+    assert trainer.step == 2 and all(torch.equal(G[k], ema[k]) for k in G)
 
 
 # ----------------------------------------------------------------------------- 4. bad data
