@@ -9,7 +9,6 @@ import os
 import pickle
 import random
 import re
-import resource
 import signal
 import subprocess
 import sys
