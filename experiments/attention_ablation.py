@@ -39,21 +39,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")  # headless: figures go to files
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from attention import attention_layers, face_pixels, map_hw, pixel_queries  # noqa: E402
-from attention_viz import Explorer, save_figure  # noqa: E402
-from checkpoint import ckpt_name, load_generator, saved_steps  # noqa: E402
-from cli import Parser, UserError, run  # noqa: E402
-from data_loader import synthetic_face  # noqa: E402
-from experiments.eye_metrics import (eye_agreement, eye_attention, eye_cells, eye_colours, eye_layout,  # noqa: E402
+from attention import INERT_SHARE, attention_layers, face_pixels, map_hw, pixel_queries
+from attention_viz import Explorer, save_figure
+from checkpoint import ckpt_name, load_generator, saved_steps
+from cli import Parser, UserError, run
+from data_loader import synthetic_face
+from experiments.eye_metrics import (eye_agreement, eye_attention, eye_cells, eye_colours, eye_layout,
                                      region_masks)
-from experiments.uncertainty import difference, public, summarise  # noqa: E402
-from utils import denorm  # noqa: E402
+from experiments.uncertainty import difference, public, summarise
+from utils import denorm
 
 PROG = "experiments.attention_ablation"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where main.py is
@@ -237,7 +234,8 @@ def aggregate(args, scored, real):
                                      drop=public(stat(drop, "d")))
         for layer in per_seed[0]["attention"]:
             at = [p["attention"][layer] for p in per_seed]
-            e = dict(other=public(stat(at, "other")), control_cells=at[0]["control_cells"])
+            e = dict(other=public(stat(at, "other")), share=public(stat(at, "share")),
+                     control_cells=at[0]["control_cells"])
             if not np.isnan(at[0]["control"]).all():
                 e["control"] = public(stat(at, "control"))
                 e["other_minus_control"] = public(stat([dict(d=x["other"] - x["control"]) for x in at], "d"))
@@ -307,18 +305,20 @@ def tables(res):
     out += ["Attention of a query at one eye (attention.FACE_QUERIES), over uniform attention: on the 3x3 cells "
             "around the other eye, and on a control region as far from the query holding no eye "
             f"(first {ATTN_IMAGES} faces of each run).", "",
-            "| arm | layer | other eye / uniform | control / uniform | other / control | other - control |",
-            "|---|---|---|---|---|---|"]
+            "| arm | layer | changes its input by | other eye / uniform | control / uniform | other / control | "
+            "other - control |", "|---|---|---|---|---|---|---|"]
     for arm, a in arms.items():
         for layer, e in a["attention"].items():
             if "control" in e:
                 r = e["ratio"]
                 spread = f" (seeds {min(r['seeds']):.2f} to {max(r['seeds']):.2f})" if len(r["seeds"]) > 1 else ""
                 d = e["other_minus_control"]
-                out.append(f"| {arm} | {layer} | {times(e['other'])} | {times(e['control'])} | "
-                           f"{r['mean']:.2f}{spread} | {d['mean']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] |")
+                out.append(f"| {arm} | {layer} | {pct(e['share'], ci=False)} | {times(e['other'])} | "
+                           f"{times(e['control'])} | {r['mean']:.2f}{spread} | "
+                           f"{d['mean']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] |")
             else:
-                out.append(f"| {arm} | {layer} | {times(e['other'])} | n/a: no eye-free cells at that distance | - | - |")
+                out.append(f"| {arm} | {layer} | {pct(e['share'], ci=False)} | {times(e['other'])} | "
+                           f"n/a: no eye-free cells at that distance | - | - |")
     out += ["", "Causal test: the same z, with attention layers' terms removed (gamma = 0) at inference.", "",
             "| arm | attention removed | eyes match | above chance | drop in above-chance vs intact |",
             "|---|---|---|---|---|"]
@@ -344,62 +344,89 @@ def tables(res):
     return "\n".join(out)
 
 
-def overlaps(a, b):
-    return not (a[1] < b[0] or b[1] < a[0])
+# rules of thumb for the summary's words; the numbers beside them are what counts
+NEGLIGIBLE = 0.01    # a change in agreement whose whole interval lies within 1 point is negligible
+CLEAR_RATIO = 1.25   # other eye over control: below this a preference beyond distance is slight
+
+
+def span(ci):
+    return f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
 
 
 def summary(res):
     """Plain sentences made from the numbers: what the experiment shows, and what it does not."""
     args, arms, real = res["config"], res["arms"], res["real"]
     n_seeds = len(args["seeds"])
-    say = []
+    say, learned = [], {}
     for arm, a in arms.items():
         e = a["excess"]
+        learned[arm] = e["ci"][0] > 0
         verdict = ("above chance" if e["ci"][0] > 0 else
                    "below chance" if e["ci"][1] < 0 else "not distinguishable from chance")
         say.append(f"{ARM_NAMES[arm]}: {pct(a['match'], ci=False, seeds=False)} of faces have matching eyes against "
-                   f"{pct(a['chance'], ci=False, seeds=False)} for random pairs of its own eyes, "
-                   f"{points(e)}: {verdict} (real faces: {pct(real['match'], ci=False)} against "
-                   f"{pct(real['chance'], ci=False)}).")
+                   f"{pct(a['chance'], ci=False, seeds=False)} for random pairs of its own eyes, {points(e)}: "
+                   f"{verdict} (real faces: {pct(real['match'], ci=False)} against {pct(real['chance'], ci=False)}).")
+
     d, ea, en = res["attn_minus_noattn"], arms["attn"]["excess"], arms["noattn"]["excess"]
-    seeds_apart = min(ea["seeds"]) > max(en["seeds"]) or max(ea["seeds"]) < min(en["seeds"])
-    if d["ci"][0] > 0 and (seeds_apart or n_seeds == 1):
-        say.append(f"Attention helped: with attention, {100 * d['mean']:+.1f} points more faces match above chance "
-                   f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]" +
-                   (", and every seed with attention beat every seed without." if n_seeds > 1 else "."))
-    elif d["ci"][1] < 0 and (seeds_apart or n_seeds == 1):
-        say.append(f"Attention hurt: with attention, {100 * d['mean']:+.1f} points above chance "
-                   f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}] against without.")
+    seeds_apart = n_seeds == 1 or min(ea["seeds"]) > max(en["seeds"]) or max(ea["seeds"]) < min(en["seeds"])
+    diff = f"{100 * abs(d['mean']):.1f} points {span(d['ci'])}"
+    if not any(learned.values()):
+        say.append(f"Neither generator draws matching eyes above chance at {args['steps']} steps, so this budget "
+                   f"cannot tell whether attention helps with the rule (with minus without attention: "
+                   f"{100 * d['mean']:+.1f} points {span(d['ci'])}).")
+    elif d["ci"][0] > 0 and seeds_apart:
+        say.append(f"Attention helped: {diff} more faces match above chance with it than without"
+                   + (", and every seed with attention beat every seed without." if n_seeds > 1 else "."))
+    elif d["ci"][1] < 0 and seeds_apart:
+        say.append(f"Attention hurt at this budget: {diff} fewer faces match above chance with it than without"
+                   + (", in every seed." if n_seeds > 1 else "."))
     elif d["ci"][0] > 0 or d["ci"][1] < 0:
-        say.append(f"The arms differ on these faces ({100 * d['mean']:+.1f} points "
-                   f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]), but their seeds overlap, so with "
-                   f"{n_seeds} seeds per arm that is not shown to be attention rather than the training run.")
+        say.append(f"The arms differ on these faces ({100 * d['mean']:+.1f} points {span(d['ci'])} with minus "
+                   f"without attention), but their seeds overlap: with {n_seeds} seeds per arm that is not shown "
+                   f"to come from attention rather than from the training run.")
     else:
-        say.append(f"Attention did not measurably help: the difference, {100 * d['mean']:+.1f} points "
-                   f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}], includes zero.")
+        say.append(f"Attention did not measurably help: with minus without attention is {100 * d['mean']:+.1f} "
+                   f"points {span(d['ci'])}, an interval that includes zero.")
+
     for layer, e in arms["attn"]["attention"].items():
+        share = f"{layer} (changes its input by {pct(e['share'], ci=False, seeds=False)})"
         if "control" not in e:
-            say.append(f"{layer} puts {e['other']['mean']:.2f}x its uniform share on the other eye, but at that "
-                       f"resolution no eye-free region lies as far away, so that is not evidence either way.")
+            say.append(f"{share} puts {e['other']['mean']:.2f}x its uniform share on the other eye, but at that "
+                       f"resolution no eye-free region lies as far away, so that number is no evidence either way.")
             continue
         lo, hi = e["other_minus_control"]["ci"]
-        pref = ("more than on" if lo > 0 else "less than on" if hi < 0 else "no more than on")
-        say.append(f"{layer}'s eye query puts {e['other']['mean']:.2f}x its uniform share on the other eye and "
-                   f"{e['control']['mean']:.2f}x on an eye-free region as far away (ratio {e['ratio']['mean']:.2f}): "
-                   f"{pref} the control" + (", so its attention to the other eye is not explained by distance."
-                                            if lo > 0 else
-                                            ", so the other-eye number alone is no evidence of the eye rule."))
+        ratio = e["ratio"]["mean"]
+        if lo > 0:
+            pref = (f"{'more' if ratio >= CLEAR_RATIO else 'slightly more'} than on the control: a preference "
+                    f"beyond distance for the other eye (for eye-like features, which alone says nothing "
+                    f"about their colour)")
+        elif hi < 0:
+            pref = "less than on the control"
+        else:
+            pref = "no more than on the control, so its other-eye number is no evidence of the eye rule"
+        inert = (f"; but the layer changes its input by under {INERT_SHARE:.0%}, so where it looks barely "
+                 f"reaches the image" if e["share"]["mean"] < INERT_SHARE else "")
+        say.append(f"{share}: an eye query puts {e['other']['mean']:.2f}x its uniform share on the other eye and "
+                   f"{e['control']['mean']:.2f}x on an eye-free region as far away (ratio {ratio:.2f}), {pref}{inert}.")
+
     for key, r in arms["attn"]["removed"].items():
         lo, hi = r["drop"]["ci"]
         what = "every attention layer" if key == "all" else key
-        effect = ("lowers" if lo > 0 else "raises" if hi < 0 else "does not measurably change")
-        say.append(f"Removing {what} at inference {effect} agreement above chance "
-                   f"({100 * r['drop']['mean']:+.1f} points drop [{100 * lo:+.1f}, {100 * hi:+.1f}]).")
-    say.append(f"What this does not show: {n_seeds} seed{'s' if n_seeds > 1 else ''} per arm and one budget ({args['steps']} steps at "
-               f"{args['imsize']}px, conv_dim {args['conv_dim']}), so a longer run or another width may differ; "
-               f"the eye reader itself finds matching eyes in only {pct(real['match'], ci=False)} of real faces; "
-               f"and removing a layer also changes the input of every later layer, so a drop shows the layer is "
-               f"needed, not that it alone carries the rule.")
+        if -NEGLIGIBLE < lo and hi < NEGLIGIBLE:
+            effect = "changes agreement above chance by less than 1 point"
+        elif lo > 0:
+            effect = "lowers agreement above chance"
+        elif hi < 0:
+            effect = "raises agreement above chance"
+        else:
+            effect = "does not measurably change agreement above chance"
+        say.append(f"Removing {what} at inference {effect} (drop {100 * r['drop']['mean']:+.1f} points "
+                   f"{span(r['drop']['ci'])}).")
+    say.append(f"What this does not show: {n_seeds} seed{'s' if n_seeds > 1 else ''} per arm and one budget "
+               f"({args['steps']} steps at {args['imsize']}px, conv_dim {args['conv_dim']}), so a longer run or "
+               f"another width may differ; the eye reader finds matching eyes in only "
+               f"{pct(real['match'], ci=False)} of real faces; and removing a layer also changes the input of every "
+               f"later layer, so a drop shows the layer is needed, not that it alone carries the rule.")
     return say
 
 
@@ -448,12 +475,14 @@ def eye_query_figures(args, layout):
 
 def main(argv=None):
     start = time.perf_counter()
+    matplotlib.use("Agg")  # headless: the figures go to files (attention_viz imports pyplot on first use)
     args = check_args(build_parser().parse_args(argv))
     if not args.score_only:
         train_runs(args)
     trained = time.perf_counter()
     torch.set_num_threads(args.jobs * args.threads)
     layout = eye_layout(args.imsize)
+    say(f"scoring the raw G of every checkpoint in {os.path.join(args.out, 'models')} (the runs keep no EMA)")
     scored = {(arm, seed): score_run(args, arm, seed, layout) for arm, seed in runs(args)}
     res = aggregate(args, scored, score_real(args, layout))
     res["summary"] = summary(res)

@@ -19,7 +19,7 @@ the query that holds no eye in any built-in face (region_masks), both over unifo
 import numpy as np
 import torch
 
-from attention import face_pixels, map_hw, pixel_queries, run_net
+from attention import attention_layers, attention_share, face_pixels, map_hw, pixel_queries, run_net
 from data_loader import synthetic_face
 
 
@@ -159,17 +159,20 @@ def region_ratio(rows, masks):
 
 @torch.no_grad()
 def eye_attention(G, z, layout):
-    """{layer name: dict(other=(B,), control=(B,), control_cells)} for each attention layer of G:
-    region_ratio of queries at the face_pixels eyes on the other eye and on the control region,
-    over the images of G(z)."""
+    """{layer name: dict(other=(B,), control=(B,), share=(B,), control_cells)} for each attention
+    layer of G, over the images of G(z): region_ratio of queries at the face_pixels eyes on the other
+    eye and on the control region, and attention_share, how much the layer changes its input (a
+    map that looks at the other eye matters little when the layer adds almost nothing)."""
     faces = face_pixels(G.image_size)
     queries = pixel_queries(G, [faces["left eye"], faces["right eye"]])
-    _, _, rows = run_net(G, z, queries)  # {name: (B, 2, N)}
+    _, feats, rows = run_net(G, z, queries)  # rows {name: (B, 2, N)}
+    layers = attention_layers(G)
     out = {}
     for name, r in rows.items():
         hw = map_hw(name)
         m = region_masks(queries[name], hw, eye_cells(layout, hw))
         out[name] = dict(other=region_ratio(r.cpu(), m["other"]).numpy(),
                          control=region_ratio(r.cpu(), m["control"]).numpy(),
+                         share=attention_share(layers[name], feats[name]).numpy(),
                          control_cells=m["control_cells"])
     return out
