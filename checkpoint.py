@@ -157,7 +157,7 @@ def load_checkpoint(path, map_location="cpu"):
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ckpt, dict) or "G" not in ckpt or "model_args" not in ckpt:
+    if not isinstance(ckpt, dict) or not ("G" in ckpt or "G_ema" in ckpt) or "model_args" not in ckpt:
         raise CheckpointError(f"{path!r} is not a checkpoint of this project (no 'G' / 'model_args'); "
                               f"seed-repo '*_G.pth' files hold only a state dict of another architecture")
     return ckpt
@@ -231,6 +231,12 @@ def load_models(path, device="cpu", ema=True, with_d=False, verbose=True):
         raise CheckpointError(f"{path!r}: its 'config' is not a dict or its 'step' not an integer; the "
                               f"file is damaged or not a checkpoint of this project")
     use_ema = ema and "G_ema" in ckpt
+    if not use_ema and "G" not in ckpt:
+        raise CheckpointError(f"{path!r} is an exported model holding only the EMA generator: "
+                              f"open it without --raw_g (ema=True)")
+    if with_d and "D" not in ckpt:
+        raise CheckpointError(f"{path!r} holds no discriminator: open it without the D layers "
+                              f"(--with_d / --d_image / with_d=True need a training checkpoint)")
     G = _rebuild(path, ckpt, Generator, "G", "G_ema" if use_ema else "G").to(device)
     D = _rebuild(path, ckpt, Discriminator, "D", "D").to(device) if with_d else None
     if verbose:
@@ -246,3 +252,44 @@ def load_models(path, device="cpu", ema=True, with_d=False, verbose=True):
 def load_generator(path, device="cpu", ema=True, verbose=True):
     """The Generator of a checkpoint, EMA weights unless ema=False: load_models' G."""
     return load_models(path, device, ema=ema, verbose=verbose).G
+
+
+# ----------------------------------------------------------------------------- sharing a model
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHOWCASE = os.path.join(ROOT, "assets", "showcase_celeba64.pt")  # tools/showcase.py makes it
+
+
+def export_models(path, out, with_d=True):
+    """A small copy of a checkpoint for sharing: the EMA generator (the raw G when there is none)
+    and, `with_d`, D, in fp16, with the step, config and model_args; no optimizer or RNG state, so
+    it can be explored but not resumed. load_models opens it like any checkpoint."""
+    def half(state):
+        return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+    ckpt = load_checkpoint(path)
+    small = dict(step=ckpt.get("step"), config=ckpt.get("config", {}), exported_from=os.path.basename(path),
+                 model_args=ckpt["model_args"])
+    small["G_ema" if "G_ema" in ckpt else "G"] = half(ckpt.get("G_ema", ckpt.get("G")))
+    if with_d:
+        small["D"] = half(ckpt["D"])
+    atomic_save(small, out)
+    return out
+
+
+def find_checkpoint(path=None, runs="models"):
+    """(checkpoint, why) the explorer opens: `path` when given, else $SAGAN_CHECKPOINT, else the
+    newest local run's latest.pt under `runs`, else the showcase model shipped in assets/."""
+    if path:
+        return path, "given"
+    if os.environ.get("SAGAN_CHECKPOINT"):
+        return os.environ["SAGAN_CHECKPOINT"], "from $SAGAN_CHECKPOINT"
+    local = [p for p in (os.path.join(runs, d, "latest.pt") for d in sorted(os.listdir(runs)))
+             if os.path.isfile(p)] if os.path.isdir(runs) else []
+    if local:
+        return max(local, key=os.path.getmtime), f"the newest run under {runs}/"
+    if os.path.isfile(SHOWCASE):
+        return SHOWCASE, "no --checkpoint and no local run: the showcase model shipped in assets/"
+    raise CheckpointError(f"no checkpoint given, no run under {runs!r} and no showcase model at "
+                          f"{SHOWCASE!r}: pass --checkpoint (or set SAGAN_CHECKPOINT), or train one "
+                          f"with `make demo`")

@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 
 import attention_viz as av  # noqa: E402
 from attention import TOPK, load_image  # noqa: E402
-from checkpoint import CheckpointError  # noqa: E402
+from checkpoint import CheckpointError, find_checkpoint  # noqa: E402
 
 VIEWS = ("query", "layers", "queries", "grid", "saliency")
 
@@ -56,7 +56,9 @@ def seed_list(text):
 def build_parser():
     p = Parser(prog="visualize_attn.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--checkpoint", required=True, help="a checkpoint of this project, e.g. models/quick/latest.pt")
+    a("--checkpoint", help="a checkpoint of this project, e.g. models/quick/latest.pt (default: "
+                            "$SAGAN_CHECKPOINT, else the newest run under models/, else the showcase "
+                            "model in assets/)")
     a("--out", help="PNG file for the figure (not needed with --table alone)")
     a("--view", choices=VIEWS, default="query",
       help="query: one layer, the seed's figure; layers: every layer; queries: several colour-coded "
@@ -127,6 +129,9 @@ def main(argv=None):
         check_args(args)
         from utils import pick_device
         device = pick_device(args.device)
+        args.checkpoint, why = find_checkpoint(args.checkpoint)
+        if why != "given":
+            print(f"checkpoint: {args.checkpoint} ({why})")
         ex = av.Explorer.from_checkpoint(args.checkpoint, device, with_d=args.with_d or bool(args.d_image),
                                          ema=not args.raw_g)
         if not ex.layers:
