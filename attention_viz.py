@@ -1,411 +1,23 @@
-"""Where does a pixel of a generated image look? Extraction, geometry, statistics and figures for
-SAGAN's self-attention layers; `visualize_attn.py` (CLI) and `visualize_attn.ipynb` are thin calls
-into this module.
-
-Conventions every function here keeps:
-- A layer is named by network and feature-map resolution: 'G16' is the generator's attention on its
-  16x16 features, 'D8' the discriminator's on 8x8.
-- An H x W layer has N = H*W positions flattened row-major: index n = i*W + j is feature cell
-  (i, j), row i from the top, column j from the left. A row of attention is one query's weights over
-  the N keys (it sums to 1); a *map* is that row reshaped to (H, W).
-- Image coordinates are continuous, x to the right and y down, pixel (x, y) covering
-  [x, x+1) x [y, y+1); images are drawn with extent (0, width, height, 0). Feature cell (i, j) is
-  the block of pixels centred at ((j + 0.5) * sx, (i + 0.5) * sy), sx = width / W, sy = height / H.
-  Grid panels are drawn in cell units: cell (i, j) is centred at (j + 0.5, i + 0.5).
-
-Only the query rows that are asked for are computed: a full map of a 64x64 layer is N*N = 16.7 M
-floats per image. Full maps are made only where a statistic needs every row (key saliency), and
-then in chunks of rows.
+"""Figures of SAGAN's self-attention and the Explorer that makes them from a checkpoint;
+`visualize_attn.py` (CLI) and `visualize_attn.ipynb` are thin calls into this module. The numbers
+and the geometry (layer names, pixel <-> cell, rows, statistics) come from `attention.py`, whose
+conventions every figure keeps.
 """
 import base64
 import io
 import math
-import re
 from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from checkpoint import CheckpointError, load_checkpoint
-from sagan_models import Discriminator, Generator
-from utils import denorm
+from attention import (TOPK, attention_layers, attention_rows, cell_to_index, cell_to_pixel, check_layer,
+                       check_pixel, face_pixels, feature_image, format_table, gamma, key_saliency,
+                       layer_statistics, map_hw, map_stats, resolve_query, run_net, stats_text,
+                       to_image, topk_cells, upsample_map, z_for_seeds)
+from checkpoint import load_models
 
-TOPK = 10
 QUERY_COLORS = ["red", "lime", "cyan", "magenta", "yellow", "orange", "white", "deepskyblue"]
-LAYER_RE = re.compile(r"^([GgDd])(\d+)$")
-
-
-# ============================================================================ loading
-
-def load_models(path, device="cpu", with_d=False):
-    """(G, D or None, step) rebuilt from a checkpoint file alone (weights_only=True), in eval mode.
-
-    Every failure (missing, corrupt, foreign file, weights that do not fit) is a CheckpointError
-    with a one-line message naming the file.
-    """
-    ckpt = load_checkpoint(path)
-    nets = [("G", Generator)] + ([("D", Discriminator)] if with_d else [])
-    built = []
-    for key, cls in nets:
-        try:
-            net = cls(**ckpt["model_args"][key])
-            net.load_state_dict(ckpt[key])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path!r}: cannot rebuild {key} from the stored architecture "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-        built.append(net.to(device).eval())
-    return built[0], (built[1] if with_d else None), ckpt.get("step")
-
-
-def load_generator(path, device="cpu"):
-    return load_models(path, device)[0]
-
-
-def load_image(path, imsize, crop=160):
-    """A real image for D, prepared as in training: centre crop, resize, (3, imsize, imsize) in [-1, 1]."""
-    from PIL import Image, UnidentifiedImageError
-
-    from data_loader import center_crop_resize, to_tensor
-    try:
-        with Image.open(path) as img:
-            return to_tensor(center_crop_resize(img.convert("RGB"), imsize, crop))
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"image {path!r} cannot be read ({e}); pass a JPEG or PNG file") from None
-
-
-# ============================================================================ layers
-
-def attention_layers(net):
-    """{'G8': Self_Attn, 'G16': ...} for a Generator, {'D8': ..., 'D4': ...} for a Discriminator,
-    in the order the network applies them."""
-    prefix = "G" if isinstance(net, Generator) else "D"
-    return {f"{prefix}{r}": net.attn[str(r)] for r in net.attn_res}
-
-
-def parse_layer(name):
-    """'G16' -> ('G', 16); a clear ValueError for anything else."""
-    m = LAYER_RE.match(str(name).strip())
-    if not m:
-        raise ValueError(f"layer {name!r} is not a layer name: write the network and resolution, "
-                         f"e.g. G16 or D8")
-    return m.group(1).upper(), int(m.group(2))
-
-
-def check_layer(name, available):
-    net, res = parse_layer(name)
-    canon = f"{net}{res}"
-    if canon not in available:
-        raise ValueError(f"layer {name} is not in this checkpoint: its attention layers are "
-                         f"{', '.join(available) or 'none'}")
-    return canon
-
-
-def gamma(layer):
-    """The learned residual weight: out = gamma * attention_output + x. Zero at initialisation."""
-    return float(layer.gamma.detach())
-
-
-# ============================================================================ geometry
-
-def index_to_cell(n, W):
-    """Flattened row-major index -> (row i, column j)."""
-    return int(n) // W, int(n) % W
-
-
-def cell_to_index(i, j, W):
-    return int(i) * W + int(j)
-
-
-def cell_to_pixel(i, j, map_hw, img_hw):
-    """Centre (x, y), in continuous image coordinates, of the pixel block of feature cell (i, j)."""
-    (H, W), (h, w) = map_hw, img_hw
-    return (j + 0.5) * w / W, (i + 0.5) * h / H
-
-
-def pixel_to_cell(x, y, map_hw, img_hw):
-    """The feature cell whose pixel block holds image point (x, y); pixel (x, y) means its centre."""
-    (H, W), (h, w) = map_hw, img_hw
-    check_pixel(x, y, img_hw)
-    return min(int((y + 0.5) * H / h), H - 1), min(int((x + 0.5) * W / w), W - 1)
-
-
-def check_pixel(x, y, img_hw):
-    h, w = img_hw
-    if not (0 <= x < w and 0 <= y < h):
-        raise ValueError(f"query pixel (x={x}, y={y}) is outside the {w}x{h} image: "
-                         f"x must be in 0..{w - 1}, y in 0..{h - 1}")
-
-
-def check_cell(i, j, map_hw, layer=""):
-    H, W = map_hw
-    if not (0 <= i < H and 0 <= j < W):
-        raise ValueError(f"query cell (row {i}, col {j}) is outside the {H}x{W} map{' of ' + layer if layer else ''}: "
-                         f"row must be in 0..{H - 1}, col in 0..{W - 1}")
-
-
-def resolve_query(map_hw, img_hw, pixel=None, cell=None, layer=""):
-    """A query given either as an image pixel (x, y) or as a feature cell (row, col) -> cell."""
-    if (pixel is None) == (cell is None):
-        raise ValueError("give the query either as an image pixel (x, y) or as a feature cell (row, col)")
-    if pixel is not None:
-        return pixel_to_cell(pixel[0], pixel[1], map_hw, img_hw)
-    check_cell(cell[0], cell[1], map_hw, layer)
-    return int(cell[0]), int(cell[1])
-
-
-def key_pixels(map_hw, img_hw):
-    """(N, 2) centres (x, y) of every key cell, row-major."""
-    H, W = map_hw
-    ii, jj = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    x, y = cell_to_pixel(ii.flatten().double(), jj.flatten().double(), map_hw, img_hw)
-    return torch.stack([x, y], dim=1)
-
-
-def upsample_map(attn_map, img_hw, mode="nearest"):
-    """(H, W) map -> (h, w) over the image. 'nearest' gives each cell's weight to its whole pixel
-    block (what the layer actually resolves); 'bilinear' (align_corners=False) keeps every cell's value
-    at its block centre and is smoother than the layer's resolution."""
-    if mode not in ("nearest", "bilinear"):
-        raise ValueError(f"upsample mode {mode!r}: use 'nearest' or 'bilinear'")
-    t = torch.as_tensor(np.asarray(attn_map, dtype=np.float32))[None, None]  # (1, 1, H, W)
-    kw = {} if mode == "nearest" else dict(align_corners=False)
-    return F.interpolate(t, size=tuple(img_hw), mode=mode, **kw)[0, 0].numpy()
-
-
-def topk_cells(attn_map, k=TOPK):
-    """The k most attended cells of an (H, W) map: [(i, j, weight)], heaviest first."""
-    a = np.asarray(attn_map)
-    W = a.shape[1]
-    flat = a.ravel()
-    order = np.argsort(-flat, kind="stable")[:k]
-    return [(*index_to_cell(n, W), float(flat[n])) for n in order]
-
-
-# ============================================================================ extraction
-
-def z_for_seeds(seeds, z_dim):
-    """One z per seed, each a pure function of its seed (not of the batch it is in): (B, z_dim)."""
-    return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds])
-
-
-@torch.no_grad()
-def run_net(net, x, queries=None):
-    """Run G (x = z) or D (x = images in [-1, 1]) once, capturing each attention layer's input.
-
-    queries: {layer name: LongTensor (Q,) of flattened query indices}; those rows come from the
-    network's own return_attn/queries interface. Layers not named there give no map (the fused path,
-    no N x N matrix). Returns (output, features {name: (B, C, H, W)}, rows {name: (B, Q, N)}).
-    """
-    layers = attention_layers(net)
-    feats, hooks = {}, []
-    for name, layer in layers.items():
-        hooks.append(layer.register_forward_pre_hook(
-            lambda m, args, name=name: feats.__setitem__(name, args[0].detach())))
-    queries = queries or {}
-    res_q = {parse_layer(n)[1]: q.long() for n, q in queries.items()}
-    try:
-        if res_q:
-            out, maps = net(x, return_attn=True, queries=res_q)
-        else:
-            out, maps = net(x), {}
-    finally:
-        for h in hooks:
-            h.remove()
-    prefix = "G" if isinstance(net, Generator) else "D"
-    rows = {f"{prefix}{r}": maps[r] for r in res_q}
-    return out, feats, rows
-
-
-@torch.no_grad()
-def attention_rows(layer, features, queries=None, chunk=None):
-    """Rows of `layer`'s attention on captured input `features` (B, C, H, W), by the layer's own
-    forward: (B, Q, N) for flattened query indices `queries` (Q,), all N rows when None. `chunk`
-    bounds the rows computed at once."""
-    N = features.shape[2] * features.shape[3]
-    idx = torch.arange(N) if queries is None else torch.as_tensor(queries).long()
-    chunk = chunk or len(idx)
-    parts = [layer(features, return_attn=True, queries=idx[s:s + chunk])[1]
-             for s in range(0, len(idx), chunk)]
-    return torch.cat(parts, dim=1)
-
-
-@torch.no_grad()
-def key_saliency(layer, features, chunk=1024):
-    """Attention each key receives, summed over all N queries: (B, H, W). Rows sum to 1, so the
-    saliency sums to N and a key receiving exactly its uniform share scores 1."""
-    B, _, H, W = features.shape
-    N = H * W
-    total = torch.zeros(B, N, dtype=torch.float64, device=features.device)
-    for s in range(0, N, chunk):
-        idx = torch.arange(s, min(s + chunk, N))
-        total += layer(features, return_attn=True, queries=idx)[1].double().sum(dim=1)
-    return total.reshape(B, H, W).float()  # (B, H, W)
-
-
-@torch.no_grad()
-def attention_share(layer, features):
-    """||gamma * attention_output|| / ||x|| per image: how much the layer changes its input. gamma
-    alone can mislead, since its effect scales with the attention output's size."""
-    out, _ = layer(features, return_attn=False)
-    delta = (out - features).flatten(1).norm(dim=1)
-    return (delta / features.flatten(1).norm(dim=1).clamp_min(1e-12)).cpu()  # (B,)
-
-
-def to_image(x):
-    """(3, h, w) in [-1, 1] -> (h, w, 3) float numpy in [0, 1]."""
-    return denorm(x.detach().float().cpu().clone()).permute(1, 2, 0).numpy()
-
-
-def feature_image(features, channel=None):
-    """(C, H, W) -> (H, W): the mean over channels, or one channel."""
-    if channel is None:
-        return features.mean(0).cpu().numpy()
-    if not 0 <= channel < features.shape[0]:
-        raise ValueError(f"channel {channel} does not exist: this layer has {features.shape[0]} "
-                         f"channels (0..{features.shape[0] - 1})")
-    return features[channel].cpu().numpy()
-
-
-# ============================================================================ statistics
-
-def topk_mass(rows, k=TOPK):
-    """Share of each row's attention on its k heaviest keys; a uniform row gives k/N."""
-    return rows.topk(min(k, rows.shape[-1]), dim=-1).values.sum(-1)
-
-
-def entropy_norm(rows):
-    """H / log N per row: 1 for uniform attention, 0 for attention on a single key."""
-    N = rows.shape[-1]
-    return -torch.special.xlogy(rows.double(), rows.double()).sum(-1).float() / math.log(N)
-
-
-def mean_distance(rows, queries, map_hw, img_hw):
-    """Expected image distance in pixels from each query's cell centre to the keys it attends to:
-    (..., Q). `queries` are the flattened query indices of the rows' Q axis."""
-    keys = key_pixels(map_hw, img_hw)                  # (N, 2)
-    q = keys[torch.as_tensor(queries).long()]           # (Q, 2)
-    dist = torch.cdist(q, keys)                        # (Q, N)
-    return (rows.double() * dist.to(rows.device)).sum(-1).float()
-
-
-def uniform_distance(queries, map_hw, img_hw):
-    """mean_distance for uniform attention: the baseline 'long-range' is compared with."""
-    keys = key_pixels(map_hw, img_hw)
-    return torch.cdist(keys[torch.as_tensor(queries).long()], keys).mean(-1).float()
-
-
-def query_independence(rows):
-    """How alike the maps of different queries are, per image: 1 - mean Jensen-Shannon divergence
-    (in bits, so in [0, 1]) over all pairs of distinct query rows of (B, Q, N).
-
-    1: every query has the same map (non-local attention often collapses to one map for all
-    queries; near-uniform maps score near 1 too, which the entropy tells apart); 0: pairwise
-    disjoint maps. Needs Q >= 2.
-    """
-    B, Q, N = rows.shape
-    if Q < 2:
-        raise ValueError("query independence needs at least 2 query rows")
-    p = rows.double()
-    plogp = torch.special.xlogy(p, p).sum(-1)            # (B, Q)
-    total, pairs = torch.zeros(B, dtype=torch.float64, device=rows.device), 0
-    for a in range(Q - 1):
-        m = (p[:, a:a + 1] + p[:, a + 1:]) / 2           # (B, Q-a-1, N)
-        mlogm = torch.special.xlogy(m, m).sum(-1)
-        js = 0.5 * (plogp[:, a:a + 1] + plogp[:, a + 1:]) - mlogm
-        total += js.sum(-1)
-        pairs += Q - a - 1
-    return (1 - total / pairs / math.log(2)).float().cpu()  # (B,)
-
-
-def map_stats(row, query, map_hw, img_hw, layer=None, k=TOPK):
-    """Numbers for one attention row (N,) of query index `query`: dict for a figure's caption."""
-    row = torch.as_tensor(row).reshape(1, -1)
-    N = row.shape[1]
-    return dict(gamma=gamma(layer) if layer is not None else None,
-                top_mass=float(topk_mass(row, k)[0]), uniform=min(k, N) / N, k=k,
-                entropy=float(entropy_norm(row)[0]),
-                dist=float(mean_distance(row, [query], map_hw, img_hw)[0]),
-                dist_uniform=float(uniform_distance([query], map_hw, img_hw)[0]))
-
-
-def stats_text(s):
-    g = "" if s.get("gamma") is None else f"gamma {s['gamma']:+.3f}  "
-    return (f"{g}top-{s['k']} {s['top_mass']:.1%} (uniform {s['uniform']:.1%})\n"
-            f"H/logN {s['entropy']:.2f}  dist {s['dist']:.1f}px (uniform {s['dist_uniform']:.1f})")
-
-
-# rules of thumb for the table's verdict; the numbers beside it are what counts
-INERT_SHARE = 0.01        # attention changes its layer's input by under 1%
-NEAR_UNIFORM_H = 0.97     # entropy this close to uniform: the layer averages everything
-SHARED_MAP_QI = 0.9       # different queries' maps nearly identical
-LOCAL_DIST = 0.6          # attends closer than 60% of the uniform-attention distance
-
-
-def verdict(r):
-    if r["share"] < INERT_SHARE:
-        return "inert"
-    if r["entropy"] > NEAR_UNIFORM_H:
-        return "near-uniform"
-    if r["qi"] > SHARED_MAP_QI:
-        return "one map for all queries"
-    return "local" if r["dist"] < LOCAL_DIST * r["dist_uniform"] else "long-range"
-
-
-def layer_statistics(G, seeds, n_queries=64, k=TOPK, D=None, query_seed=0, batch=16):
-    """Per-layer statistics over the images of `seeds` and a random subset of n_queries query cells
-    per layer (all cells when the layer has fewer). D, when given, sees the generated images.
-
-    Returns one dict per layer: name, hw, N, gamma, share (attention_share), top_mass, uniform,
-    entropy, dist, dist_uniform, qi, verdict; means over images x queries.
-    """
-    img_hw = (G.image_size, G.image_size)
-    acc = {}
-    for s in range(0, len(seeds), batch):
-        z = z_for_seeds(seeds[s:s + batch], G.z_dim).to(next(G.parameters()).device)
-        img, feats, _ = run_net(G, z)
-        nets = [(G, feats)]
-        if D is not None:
-            nets.append((D, run_net(D, img)[1]))
-        for net, fts in nets:
-            for name, layer in attention_layers(net).items():
-                f = fts[name]
-                H, W = f.shape[2:]
-                N = H * W
-                g = torch.Generator().manual_seed(query_seed * 1009 + N)
-                q = torch.randperm(N, generator=g)[:n_queries] if n_queries < N else torch.arange(N)
-                rows = attention_rows(layer, f, q).cpu()   # (B, Q, N)
-                a = acc.setdefault(name, dict(name=name, hw=(H, W), N=N, gamma=gamma(layer),
-                                              share=[], top_mass=[], entropy=[], dist=[], qi=[],
-                                              dist_uniform=float(uniform_distance(q, (H, W), img_hw).mean())))
-                a["share"].append(attention_share(layer, f))
-                a["top_mass"].append(topk_mass(rows, k).flatten())
-                a["entropy"].append(entropy_norm(rows).flatten())
-                a["dist"].append(mean_distance(rows, q, (H, W), img_hw).flatten())
-                a["qi"].append(query_independence(rows))
-    table = []
-    for a in acc.values():
-        row = dict(a, uniform=min(k, a["N"]) / a["N"], k=k,
-                   **{key: float(torch.cat(a[key]).mean()) for key in ("share", "top_mass", "entropy", "dist", "qi")})
-        row["verdict"] = verdict(row)
-        table.append(row)
-    return table
-
-
-def format_table(table, n_images=None, n_queries=None):
-    """Markdown table of layer_statistics."""
-    k = table[0]["k"] if table else TOPK
-    head = ("| layer | map | gamma | attn share | top-%d mass (uniform) | H/logN | mean dist px (uniform) "
-            "| query indep. | verdict |\n|---|---|---|---|---|---|---|---|---|\n" % k)
-    lines = [f"| {r['name']} | {r['hw'][0]}x{r['hw'][1]} | {r['gamma']:+.4f} | {r['share']:.2%} | "
-             f"{r['top_mass']:.1%} ({r['uniform']:.1%}) | {r['entropy']:.3f} | "
-             f"{r['dist']:.1f} ({r['dist_uniform']:.1f}) | {r['qi']:.3f} | {r['verdict']} |"
-             for r in table]
-    note = ""
-    if n_images:
-        note = f"\n\n{n_images} generated images x {n_queries or 'all'} query cells per layer."
-    return head + "\n".join(lines) + note
 
 
 # ============================================================================ figures
@@ -642,13 +254,14 @@ class Explorer:
     """A generator (and optionally a discriminator) with a cache of the runs it has made.
 
     Queries are image pixels (x, y) or, with `cell=`, feature cells of the named layer. D sees the
-    generated image, or a real image passed as `d_image` (3, h, w) in [-1, 1] (see load_image).
-    Everything lower level (run_net with any z, attention_rows, the statistics, the plot_*
-    functions) is usable on its own.
+    generated image, or a real image passed as `d_image` (3, h, w) in [-1, 1] (see
+    attention.load_image). `generator` names the weights G holds ('EMA G', 'raw G'); the
+    description, every figure's title and the table say it. Everything lower level (attention.py's
+    run_net with any z, attention_rows, the statistics; the plot_* functions) is usable on its own.
     """
 
-    def __init__(self, G, D=None, step=None):
-        self.G, self.D, self.step = G, D, step
+    def __init__(self, G, D=None, step=None, generator=None):
+        self.G, self.D, self.step, self.generator = G, D, step, generator
         self.imsize = G.image_size
         self.img_hw = (G.image_size, G.image_size)
         self.device = next(G.parameters()).device
@@ -658,13 +271,19 @@ class Explorer:
         self._run = lru_cache(maxsize=32)(self._run_uncached)
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", with_d=False):
-        return cls(*load_models(path, device, with_d))
+    def from_checkpoint(cls, path, device="cpu", with_d=False, ema=True):
+        """The EMA generator when the checkpoint has one, the raw G with ema=False (it says which)."""
+        m = load_models(path, device, ema=ema, with_d=with_d)
+        return cls(m.G, m.D, m.step, m.generator)
 
     def describe(self):
-        g = ", ".join(f"{n} {tuple(self.feature_hw(n))} gamma {gamma(l):+.4f}" for n, l in self.layers.items())
+        g = ", ".join(f"{n} {map_hw(n)} gamma {gamma(l):+.4f}" for n, l in self.layers.items())
         at = f" at step {self.step}" if self.step is not None else ""
-        return f"{self.imsize}px generator{at}, z_dim {self.G.z_dim}; attention: {g or 'none'}"
+        weights = f", weights of the {self.generator}" if self.generator else ""
+        return f"{self.imsize}px generator{at}, z_dim {self.G.z_dim}{weights}; attention: {g or 'none'}"
+
+    def _title(self, text):
+        return f"{self.generator}: {text}" if self.generator else text
 
     def pick_layer(self, name=None):
         """`name` checked, or by default the generator's largest attention layer."""
@@ -677,11 +296,8 @@ class Explorer:
         return check_layer(name, self.layers)
 
     def default_pixel(self):
-        """About the left eye (image left) of a centred face: built-in faces and CelebA's 160px crop."""
-        return round(0.38 * self.imsize), round(0.48 * self.imsize)
-
-    def feature_hw(self, name):
-        return (parse_layer(name)[1],) * 2
+        """The left eye (image left) of a centred face: attention.FACE_QUERIES."""
+        return face_pixels(self.imsize)["left eye"]
 
     def _run_uncached(self, seed):
         z = z_for_seeds([seed], self.G.z_dim).to(self.device)
@@ -725,7 +341,7 @@ class Explorer:
         feature = feature_image(self.features(seed, layer, d_image)[0], channel)
         src = "real image" if d_image is not None and layer.startswith("D") else f"seed {seed}"
         return plot_query(self.image(seed, layer, d_image), m, cell, feature, k, upsample, stats,
-                          title=f"{layer}, {src}, channel {'mean' if channel is None else channel}")
+                          title=self._title(f"{layer}, {src}, channel {'mean' if channel is None else channel}"))
 
     def layers_figure(self, seed=0, pixel=None, layers=None, k=TOPK, upsample="nearest", d_image=None):
         pixel = pixel if pixel is not None else self.default_pixel()
@@ -740,7 +356,7 @@ class Explorer:
                                 label=f"{name} on the real image" if real else name))
         src = ", D on a real image" if d_image is not None else ""
         return plot_layers(self.image(seed), entries, pixel, k, upsample,
-                           title=f"seed {seed}{src}: every attention layer, query pixel {tuple(pixel)}")
+                           title=self._title(f"seed {seed}{src}: every attention layer, query pixel {tuple(pixel)}"))
 
     def queries_figure(self, seed=0, layer=None, pixels=None, k=TOPK, upsample="nearest"):
         layer = self.pick_layer(layer)
@@ -750,7 +366,7 @@ class Explorer:
         for p in pixels:
             cell, m, stats = self.query(seed, layer, pixel=p)
             entries.append(dict(map=m, cell=cell, stats=stats))
-        return plot_queries(self.image(seed), entries, k, upsample, title=f"{layer}, seed {seed}")
+        return plot_queries(self.image(seed), entries, k, upsample, title=self._title(f"{layer}, seed {seed}"))
 
     def grid_figure(self, seeds=range(8), layer=None, pixel=None, cell=None, k=TOPK, ncols=4,
                     upsample="nearest"):
@@ -762,7 +378,7 @@ class Explorer:
             maps.append(m)
         return plot_grid(images, maps, c, k, ncols, upsample=upsample,
                          titles=[f"seed {s}" for s in seeds],
-                         title=f"{layer}, query cell ({c[0]}, {c[1]}) across images")
+                         title=self._title(f"{layer}, query cell ({c[0]}, {c[1]}) across images"))
 
     def saliency_figure(self, seed=0, layers=None):
         _, feats = self.run(seed)
@@ -770,12 +386,12 @@ class Explorer:
         for name in layers or list(self.layers):
             name = check_layer(name, self.layers)
             sal[name] = key_saliency(self.layers[name], feats[name])[0].cpu().numpy()
-        return plot_saliency(self.image(seed), sal, title=f"key saliency, seed {seed}")
+        return plot_saliency(self.image(seed), sal, title=self._title(f"key saliency, seed {seed}"))
 
     def table(self, n_images=16, n_queries=64, k=TOPK, seed0=1000):
         seeds = list(range(seed0, seed0 + n_images))
         t = layer_statistics(self.G, seeds, n_queries, k, self.D)
-        return format_table(t, n_images, n_queries), t
+        return format_table(t, n_images, n_queries, self.generator), t
 
     # ------------------------------------------------------------------ interaction
     def explore(self, seed=0, layer=None, pixel=None, k=TOPK, upsample="nearest", max_seed=999):
@@ -825,3 +441,4 @@ class WidgetWithFallback:
         bundle["image/png"] = base64.b64encode(self.image.value).decode("ascii")  # as Jupyter stores it
         bundle["text/plain"] = "attention explorer (run the notebook in Jupyter for the sliders)"
         return bundle
+

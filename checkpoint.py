@@ -6,7 +6,6 @@ exactly. `latest.pt` is a hard link to the newest complete checkpoint, swapped i
 training process at a time holds a run folder (`RunLock`).
 """
 import fcntl
-import inspect
 import os
 import pickle
 import re
@@ -15,11 +14,12 @@ import socket
 import sys
 import time
 import warnings
+from typing import NamedTuple, Optional
 
 import torch
 
 from cli import UserError, reason
-from sagan_models import Discriminator, Generator, check_attn, check_imsize
+from sagan_models import Discriminator, Generator
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_save / point_latest temporaries: .<name>.tmp<pid>
@@ -196,9 +196,10 @@ def saved_steps(run_dir):
     return [step for step, _ in _step_files(run_dir)]
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint dict with weights_only=True and check that it is one this project wrote;
-    every failure is a one-line CheckpointError naming the file."""
+def load_checkpoint(path, map_location="cpu", training=False):
+    """Load a checkpoint dict with weights_only=True and check that it is one this project wrote
+    (with `training`, one a run can resume from); every failure is a one-line CheckpointError
+    naming the file."""
     if not os.path.isfile(path):
         what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
         raise CheckpointError(f"checkpoint {path!r} {what}")
@@ -225,71 +226,67 @@ def load_checkpoint(path, map_location="cpu"):
         # KeyError, UnicodeDecodeError, ...); none of it is a bug of ours, and nothing in the file ran
         raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated ({reason(e, 120)}); "
                               f"use another checkpoint, e.g. an earlier ckpt_*.pt of the run") from None
-    check_contents(ckpt, path)
+    check_contents(ckpt, path, training)
     return ckpt
 
 
-# what every checkpoint of this project holds (Trainer.state) and its readers rely on; also G_ema
-# (a dict of tensors) when the run kept an EMA, and the fp16 loss scalers' states
-CONTENTS = dict(step=int, config=dict, model_args=dict, G=dict, D=dict, opt_g=dict, opt_d=dict,
-                fixed_z=torch.Tensor, rng=dict)
-NETWORKS = dict(G=Generator, D=Discriminator)  # model_args key -> the class the arguments rebuild
+# what resuming a run needs besides the networks; an exported model (export_models) holds none of it
+TRAINING_STATE = dict(step=int, G=dict, D=dict, opt_g=dict, opt_d=dict, fixed_z=torch.Tensor, rng=dict)
+DAMAGED = "the file is damaged or not a checkpoint of this project"
 
 
-def check_contents(ckpt, path):
-    """Raise CheckpointError unless `ckpt` has the keys and types a checkpoint of this project has,
-    and model_args that rebuild both networks: what a reader uses is checked once, here, instead of
-    failing with a TypeError half way through rebuilding a network."""
-    missing = [k for k in CONTENTS if k not in ckpt] if isinstance(ckpt, dict) else []
-    if missing or not isinstance(ckpt, dict):
-        what = f"no {' / '.join(map(repr, missing))}" if missing else f"a {type(ckpt).__name__}, not a dict"
-        raise CheckpointError(f"{path!r} is not a checkpoint of this project ({what}); seed-repo "
-                              f"'*_G.pth' files hold only a state dict of another architecture")
-    for key, kind in CONTENTS.items():
-        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
-            raise CheckpointError(f"{path!r} is damaged: its {key!r} is {ckpt[key]!r:.60}, not "
-                                  f"{'an integer' if kind is int else 'a ' + kind.__name__}")
-    for key in ("G", "D", "G_ema"):
-        weights = ckpt.get(key, {})
-        if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
-            raise CheckpointError(f"{path!r} is damaged: its {key!r} is not a dict of tensors")
-    if "G_ema" in ckpt and _shapes(ckpt["G_ema"]) != _shapes(ckpt["G"]):  # two copies of one network
-        raise CheckpointError(f"{path!r} is damaged: its 'G_ema' and 'G' weights differ in names or shapes")
-    for name in NETWORKS:
-        check_model_args(ckpt["model_args"].get(name), name, path)
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _shapes(weights):
-    return {k: tuple(t.shape) for k, t in weights.items()}
+def check_contents(ckpt, path, training=False):
+    """Raise CheckpointError unless `ckpt` holds what a checkpoint of this project holds, with the
+    types every reader relies on (with `training`, all a resumed run needs): checked once, here,
+    rather than failing with a TypeError half way through rebuilding a network or resuming."""
+    if not isinstance(ckpt, dict) or not ("G" in ckpt or "G_ema" in ckpt) or "model_args" not in ckpt:
+        raise CheckpointError(f"{path!r} is not a checkpoint of this project (no 'G' / 'model_args'); "
+                              f"seed-repo '*_G.pth' files hold only a state dict of another architecture")
+    missing = [k for k in TRAINING_STATE if k not in ckpt] if training else []
+    if missing:
+        raise CheckpointError(f"{path!r} holds no {' / '.join(map(repr, missing))}: it can be explored but "
+                              f"not resumed (an exported model?); resume from a ckpt_*.pt of the run")
+    step = ckpt.get("step")  # None in a model exported from a checkpoint without one
+    if not isinstance(ckpt.get("config", {}), dict) or not (_is_int(step) or step is None and not training):
+        raise CheckpointError(f"{path!r}: its 'config' is not a dict or its 'step' not an integer; {DAMAGED}")
+    for key, kind in TRAINING_STATE.items():
+        if key in ckpt and key != "step" and not isinstance(ckpt[key], kind):
+            raise CheckpointError(f"{path!r}: its {key!r} is a {type(ckpt[key]).__name__}, not a "
+                                  f"{kind.__name__}; {DAMAGED}")
+    for weights in ("G", "G_ema", "D"):
+        state = ckpt.get(weights, {})
+        if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in state.items())):
+            raise CheckpointError(f"{path!r}: {weights!r} is not a state dict of tensors; {DAMAGED}")
+    if "G" in ckpt and "G_ema" in ckpt and _shapes(ckpt["G"]) != _shapes(ckpt["G_ema"]):
+        raise CheckpointError(f"{path!r}: its 'G' and 'G_ema' (two copies of one network) differ in "
+                              f"names or shapes; {DAMAGED}")
+    for arch in ("G", "D") if "D" in ckpt else ("G",):
+        check_model_args(ckpt["model_args"], arch, path)
 
 
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
+def _shapes(state):
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def check_model_args(args, name, path):
-    """Raise CheckpointError unless `args` are arguments the network `name` ('G' or 'D') takes, of
-    the types it needs: positive integers, and attn_res a list of resolutions that fit the image."""
-    cls, what = NETWORKS[name], f"{path!r}: model_args[{name!r}]"
+def check_model_args(model_args, arch, path):
+    """model_args[arch] must be a dict of integers and lists of integers: a crafted or damaged file
+    can hold anything there, and only those reach a constructor (which checks the values)."""
+    if not isinstance(model_args, dict) or arch not in model_args:
+        found = f"keys {sorted(map(str, model_args))}" if isinstance(model_args, dict) else type(model_args).__name__
+        raise CheckpointError(f"{path!r}: its model_args has no {arch!r} (found {found:.80}); {DAMAGED}")
+    args = model_args[arch]
     if not isinstance(args, dict):
-        raise CheckpointError(f"{what} is a {type(args).__name__}, not the {cls.__name__}'s arguments")
-    takes = inspect.signature(cls).parameters
-    for arg, value in args.items():
-        if arg not in takes:
-            raise CheckpointError(f"{what} has {arg!r}, which the {cls.__name__} does not take "
-                                  f"(it takes {', '.join(takes)})")
-        if arg == "attn_res":
-            ok, need = isinstance(value, (list, tuple)) and all(map(_is_int, value)), "a list of integers"
-        else:
-            ok, need = _is_int(value) and value > 0, "a positive integer"
-        if not ok:
-            raise CheckpointError(f"{what}[{arg!r}] is {value!r:.60}, not {need}")
-    try:
-        image_size = args.get("image_size", takes["image_size"].default)
-        check_imsize(image_size)
-        check_attn(image_size, args.get("attn_res", takes["attn_res"].default), name.lower())
-    except ValueError as e:
-        raise CheckpointError(f"{what} cannot build a {cls.__name__}: {e}") from None
+        raise CheckpointError(f"{path!r}: model_args[{arch!r}] is {type(args).__name__}, not a dict of "
+                              f"architecture arguments; {DAMAGED}")
+    for k, v in args.items():
+        if not (isinstance(k, str) and (_is_int(v) or isinstance(v, list) and all(map(_is_int, v)))):
+            raise CheckpointError(f"{path!r}: model_args[{arch!r}][{k!r}] is {v!r:.40} ({type(v).__name__}), "
+                                  f"not an integer or a list of integers; {DAMAGED}")
 
 
 def restore(apply, ckpt, key, path):
@@ -302,25 +299,103 @@ def restore(apply, ckpt, key, path):
                               f"is damaged: use another checkpoint") from None
 
 
-def load_generator(path, device="cpu", ema=True, verbose=True):
-    """Rebuild the Generator of a checkpoint from the file alone, weights loaded, in eval mode.
+def _rebuild(path, ckpt, cls, arch, weights):
+    """cls(**ckpt['model_args'][arch]) with the state dict ckpt[weights] loaded, in eval mode; the
+    types were checked by load_checkpoint, the values are the constructor's to check."""
+    try:
+        net = cls(**ckpt["model_args"][arch])
+        net.load_state_dict(ckpt[weights])
+    except (TypeError, ValueError, RuntimeError) as e:  # unknown argument, bad size, weights that don't fit
+        raise CheckpointError(f"{path!r}: cannot rebuild {weights} from the stored architecture "
+                              f"model_args[{arch!r}] ({reason(e, 200)})") from None
+    return net.eval()
 
-    Uses the EMA generator's weights when the checkpoint has them and `ema` is true (the better
-    samples), the raw trained G otherwise; says which unless `verbose` is false.
+
+class Models(NamedTuple):
+    """The networks of a checkpoint, as load_models rebuilds them."""
+    G: Generator
+    D: Optional[Discriminator]  # None unless asked for
+    step: Optional[int]
+    ema: bool                   # G holds the EMA weights (G_ema)
+    config: dict                # the run's config, as saved
+
+    @property
+    def generator(self):
+        """How messages, figure titles and tables name the G they show."""
+        return "EMA G" if self.ema else "raw G"
+
+
+def load_models(path, device="cpu", ema=True, with_d=False, verbose=True):
+    """Rebuild the networks of a checkpoint from the file alone, weights loaded, in eval mode: the
+    one way every command, the explorer and the experiments open a checkpoint.
+
+    G holds the EMA generator's weights when the checkpoint has them and `ema` is true (the better
+    samples, and the generator the run's sample grids and dashboard showed), the raw trained G
+    otherwise; says which unless `verbose` is false. D only `with_d`. Every failure is a one-line
+    CheckpointError naming the file.
     """
     ckpt = load_checkpoint(path)
+    config, step = ckpt.get("config", {}), ckpt.get("step")
     use_ema = ema and "G_ema" in ckpt
-    G = Generator(**ckpt["model_args"]["G"])
-    try:
-        G.load_state_dict(ckpt["G_ema"] if use_ema else ckpt["G"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path!r}: weights do not fit the stored architecture "
-                              f"({str(e).splitlines()[0][:160]})") from None
+    if not use_ema and "G" not in ckpt:
+        raise CheckpointError(f"{path!r} is an exported model holding only the EMA generator: "
+                              f"open it without --raw_g (ema=True)")
+    if with_d and "D" not in ckpt:
+        raise CheckpointError(f"{path!r} holds no discriminator: open it without the D layers "
+                              f"(--with_d / --d_image / with_d=True need a training checkpoint)")
+    G = _rebuild(path, ckpt, Generator, "G", "G_ema" if use_ema else "G").to(device)
+    D = _rebuild(path, ckpt, Discriminator, "D", "D").to(device) if with_d else None
     if verbose:
         if use_ema:
-            print(f"{path}: EMA generator weights (decay {ckpt['config'].get('ema_decay')}); "
+            print(f"{path}: EMA generator weights (decay {config.get('ema_decay')}); "
                   f"ema=False / --raw_g for the raw G")
         else:
             print(f"{path}: raw generator weights" + ("" if ema else " (EMA not requested)")
                   + ("" if "G_ema" in ckpt else " (no EMA in this checkpoint)"))
-    return G.to(device).eval()
+    return Models(G, D, step, use_ema, config)
+
+
+def load_generator(path, device="cpu", ema=True, verbose=True):
+    """The Generator of a checkpoint, EMA weights unless ema=False: load_models' G."""
+    return load_models(path, device, ema=ema, verbose=verbose).G
+
+
+# ----------------------------------------------------------------------------- sharing a model
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHOWCASE = os.path.join(ROOT, "assets", "showcase_celeba64.pt")  # tools/showcase.py makes it
+
+
+def export_models(path, out, with_d=True):
+    """A small copy of a checkpoint for sharing: the EMA generator (the raw G when there is none)
+    and, `with_d`, D, in fp16, with the step, config and model_args; no optimizer or RNG state, so
+    it can be explored but not resumed. load_models opens it like any checkpoint."""
+    def half(state):
+        return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+    ckpt = load_checkpoint(path)
+    small = dict(step=ckpt.get("step"), config=ckpt.get("config", {}), exported_from=os.path.basename(path),
+                 model_args=ckpt["model_args"])
+    small["G_ema" if "G_ema" in ckpt else "G"] = half(ckpt.get("G_ema", ckpt.get("G")))
+    if with_d:
+        small["D"] = half(ckpt["D"])
+    atomic_save(small, out)
+    return out
+
+
+def find_checkpoint(path=None, runs="models"):
+    """(checkpoint, why) the explorer opens: `path` when given, else $SAGAN_CHECKPOINT, else the
+    newest local run's latest.pt under `runs`, else the showcase model shipped in assets/."""
+    if path:
+        return path, "given"
+    if os.environ.get("SAGAN_CHECKPOINT"):
+        return os.environ["SAGAN_CHECKPOINT"], "from $SAGAN_CHECKPOINT"
+    local = [p for p in (os.path.join(runs, d, "latest.pt") for d in sorted(os.listdir(runs)))
+             if os.path.isfile(p)] if os.path.isdir(runs) else []
+    if local:
+        return max(local, key=os.path.getmtime), f"the newest run under {runs}/"
+    if os.path.isfile(SHOWCASE):
+        return SHOWCASE, "no --checkpoint and no local run: the showcase model shipped in assets/"
+    raise CheckpointError(f"no checkpoint given, no run under {runs!r} and no showcase model at "
+                          f"{SHOWCASE!r}: pass --checkpoint (or set SAGAN_CHECKPOINT), or train one "
+                          f"with `make demo`")

@@ -6,7 +6,7 @@ after any failure (server down, restarted, slow) everything is marked unsent and
 pass redraws whole windows, so a dashboard that comes back fills again with the full curves.
 
 Besides the curves and the fixed-z grid, `attention` draws an attention panel at every sample step:
-for the first fixed z and a few face pixels (FACE_QUERIES), the attention row of every G layer.
+for the first fixed z and the face pixels of attention.FACE_QUERIES, the attention row of every G layer.
 """
 import functools
 import logging
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from attention import face_pixels, map_hw, pixel_queries, run_net
 from utils import denorm
 
 try:
@@ -35,38 +36,24 @@ MIN_SYNC_S = 2.0
 
 # ----------------------------------------------------------------------------- attention panel
 
-# Query pixels as fractions of the image side (x to the right, y down; "left" is the image's left).
-# They sit on the eyes, centre and mouth of the built-in faces and of centre-cropped aligned CelebA.
-FACE_QUERIES = (("left eye", 0.38, 0.49), ("right eye", 0.62, 0.49),
-                ("centre", 0.50, 0.62), ("mouth", 0.50, 0.74))
-
 PANEL_HEAD, PANEL_SIDE = 16, 48  # px above the tiles (query names), left of them (row names)
 
 # inferno-like colormap anchors (dark = no weight, light yellow = the map's maximum)
 _CMAP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
 
 
-def query_index(x, y, imsize, H, W):
-    """Image pixel (x, y) -> flattened row-major index of the cell of an H x W map that covers it."""
-    i = min(math.floor(y * H / imsize), H - 1)
-    j = min(math.floor(x * W / imsize), W - 1)
-    return i * W + j
-
-
 @torch.no_grad()
-def attention_rows(G, z, points):
+def sample_attention(G, z, points):
     """G(z[:1]) in eval mode, keeping only the attention rows of the image pixels `points` [(x, y)].
 
-    Returns (image (3, S, S) in [0, 1], {resolution: (Q, res, res)}), both on the CPU.
+    Returns (image (3, S, S) in [0, 1], {layer name: (Q, H, W)}), both on the CPU.
     """
     was_training = G.training
     G.eval()  # BatchNorm running stats, as the sample grid uses
-    S = G.image_size
-    queries = {r: torch.tensor([query_index(x, y, S, r, r) for x, y in points]) for r in G.attn_res}
-    img, maps = G(z[:1], return_attn=True, queries=queries)  # maps[r]: (1, Q, r*r)
+    img, _, rows = run_net(G, z[:1], pixel_queries(G, points))  # rows[name]: (1, Q, H*W)
     G.train(was_training)
-    rows = {r: m[0].float().reshape(len(points), r, r).cpu() for r, m in maps.items()}  # (Q, r, r)
-    return denorm(img[0].float()).cpu(), rows
+    maps = {name: r[0].float().reshape(len(points), *map_hw(name)).cpu() for name, r in rows.items()}
+    return denorm(img[0].float()).cpu(), maps
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,7 +72,7 @@ def _colormap(v):
 def render_attention_panel(image, maps, points, names, tile=112):
     """One picture: a column per query pixel; rows = the sample, then each G layer's heatmap.
 
-    image (3, S, S) in [0, 1]; maps {res: (Q, res, res)}; points [(x, y)] image pixels; names per
+    image (3, S, S) in [0, 1]; maps {layer name: (Q, H, W)}; points [(x, y)] image pixels; names per
     query. Heatmaps are upsampled without smoothing, so each attention cell stays a visible block,
     and drawn over a faint grey copy of the sample so the features they land on are recognisable.
     The query pixel is marked (cyan +) in every tile. Returns uint8 (H, W, 3).
@@ -100,16 +87,16 @@ def render_attention_panel(image, maps, points, names, tile=112):
                               head + (tile + gap) * n_rows - gap), "white")
     draw = ImageDraw.Draw(panel)
     # text is most of the drawing time: labels go once per row and column, no outlined text
-    for row, label in enumerate(["sample"] + [f"G{r}\n{r}x{r}" for r in maps]):
+    for row, label in enumerate(["sample"] + [f"{name}\n{m.shape[1]}x{m.shape[2]}" for name, m in maps.items()]):
         draw.multiline_text((3, head + row * (tile + gap) + 3), label, fill="black", font=font)
     for q, ((x, y), name) in enumerate(zip(points, names)):
         left = side + q * (tile + gap)
         draw.text((left + 3, 2), f"query: {name}", fill="black", font=font)
         panel.paste(sample, (left, head))
-        for row, (r, rows) in enumerate(maps.items(), start=1):
+        for row, rows in enumerate(maps.values(), start=1):
             top = head + row * (tile + gap)
             m = rows[q].numpy()
-            heat = _colormap(m / max(m.max(), 1e-12))  # (r, r, 3)
+            heat = _colormap(m / max(m.max(), 1e-12))  # (H, W, 3)
             heat = np.asarray(Image.fromarray(heat).resize((tile, tile), Image.NEAREST), np.float32)
             panel.paste(Image.fromarray((0.75 * heat + 0.25 * grey).round().astype(np.uint8)),
                         (left, top))
@@ -166,18 +153,18 @@ class Dashboard:
             self.images[win] = [images.detach().float().cpu(), caption, False]
         self._wake.set()
 
-    def attention(self, G, z, step, queries=FACE_QUERIES):
-        """Show where each G attention layer looks from a few face pixels of G(z[:1]).
+    def attention(self, G, z, step):
+        """Show where each G attention layer looks from the face pixels (eyes, centre, mouth) of G(z[:1]).
 
         Runs on the training thread (G must not change under it): one forward pass of one sample
         that computes only the asked rows, plus drawing; tens of milliseconds, at sample steps.
         """
         if not G.attn_res:
             return
-        S = G.image_size
-        points = [(fx * S, fy * S) for _, fx, fy in queries]
-        image, maps = attention_rows(G, z, points)
-        panel = render_attention_panel(image, maps, points, [name for name, _, _ in queries])
+        faces = face_pixels(G.image_size)
+        points = list(faces.values())
+        image, maps = sample_attention(G, z, points)
+        panel = render_attention_panel(image, maps, points, list(faces))
         caption = f"step {step}, first fixed z; peak = max weight x N (1x: uniform)"  # one line
         self.image("attention", torch.from_numpy(panel).permute(2, 0, 1)[None] / 255.0, caption)
 

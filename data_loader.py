@@ -9,6 +9,7 @@
   run sees exactly the batches the uninterrupted run would have. An unreadable file (truncated,
   corrupt, not an image, empty) is replaced by the next readable one and named once in a warning.
 """
+import bisect
 import os
 import signal
 import warnings
@@ -16,7 +17,10 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from image_cache import cached
+from utils import to_tensor
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CELEBA_HINT = ("get CelebA's img_align_celeba.zip (Align&Cropped Images) from "
@@ -32,12 +36,6 @@ def find_images(root):
         paths += [os.path.join(folder, f) for f in sorted(files)
                   if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
     return paths
-
-
-def to_tensor(img):
-    """uint8 (H, W, 3) array or PIL image -> float (3, H, W) in [-1, 1]."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 def center_crop_resize(img, imsize, crop):
@@ -121,6 +119,31 @@ class ImageFolderFlat(Dataset):
     def __getitem__(self, i):
         return self.checked_item(i)[0]
 
+    def pixel_batches(self, num_workers=0, batch_size=64):
+        """Every image in order: (uint8 (b, imsize, imsize, 3) batch, the unreadable files met so
+        far), what the image cache is built from. An unreadable file is replaced by the next readable
+        one, as training without the cache reads it, and named once in a warning."""
+        loader = DataLoader(_Pixels(self), batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=_collate)
+        unreadable = Unreadable()
+        for batch, skipped in loader:
+            unreadable.met(skipped)
+            yield batch, unreadable.seen
+
+
+class _Pixels(Dataset):
+    """A folder's images as (uint8 (H, W, 3) tensor, skipped files), for building its cache."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        pixels, skipped = self.folder.checked_pixels(i)
+        return torch.from_numpy(np.array(pixels)), skipped  # a writable copy for torch
+
 
 # ----------------------------------------------------------------------------- built-in faces
 
@@ -180,14 +203,49 @@ class SyntheticFaces(Dataset):
         return to_tensor(self.face(i)[0])
 
 
+class ImageFolders(ConcatDataset):
+    """Several image folders as one dataset, each prepared with its own crop (e.g. full-size CelebA
+    cut at 160 and half-size CelebA cut at 80: the same faces' framing at two resolutions)."""
+
+    def checked_item(self, i):
+        k = bisect.bisect_right(self.cumulative_sizes, i)
+        return checked_item(self.datasets[k], i - (self.cumulative_sizes[k - 1] if k else 0))
+
+
+def folder_crops(config):
+    """[(folder, crop)] of --image_path and --center_crop (one crop for every folder, or one each)."""
+    paths, crops = list(config.image_path), list(config.center_crop)
+    if len(crops) == 1:
+        crops *= len(paths)
+    if len(crops) != len(paths):
+        raise ValueError(f"--center_crop has {len(crops)} values for {len(paths)} --image_path folders: "
+                         f"give one crop for all of them or one per folder, in the same order")
+    return list(zip(paths, crops))
+
+
+def crop_for(config, folder):
+    """The crop a run (its saved config dict) used for `folder`, else its first crop (older runs
+    saved a single folder and crop)."""
+    paths, crops = config.get("image_path", []), config.get("center_crop", 160)
+    if isinstance(crops, int):
+        return crops
+    paths = [paths] if isinstance(paths, str) else paths
+    same = [c for p, c in zip(paths, crops) if os.path.abspath(p) == os.path.abspath(folder)]
+    return (same or crops)[0]
+
+
 def make_dataset(config):
     if config.dataset == "synthetic":
         return SyntheticFaces(config.synthetic_size, config.imsize, config.seed)
-    folder = ImageFolderFlat(config.image_path, config.imsize, config.center_crop)
+    parts = [image_folder(path, crop, config) for path, crop in folder_crops(config)]
+    return parts[0] if len(parts) == 1 else ImageFolders(parts)
+
+
+def image_folder(path, crop, config):
+    folder = ImageFolderFlat(path, config.imsize, crop)
     if config.cache == "off":
         return folder
-    from image_cache import cached  # decoded once into a memory-mapped file (image_cache.py)
-    try:
+    try:  # decoded once into a memory-mapped file (image_cache.py)
         return cached(folder, config.cache_dir, config.num_workers)
     except OSError as e:  # no space, or --cache_dir not writable: training still works, slower
         print(f"image cache not used ({e}); decoding the images every step instead")
@@ -228,6 +286,11 @@ class StepBatchSampler:
             epoch, b = epoch + 1, 0
 
 
+def checked_item(dataset, i):
+    """(item i, [(path, reason) of files skipped to find it]); only image folders skip files."""
+    return dataset.checked_item(i) if hasattr(dataset, "checked_item") else (dataset[i], [])
+
+
 class _WithSkipped(Dataset):
     """Items as (image, skipped files): the names of bad files travel with the batch, so the main
     process learns them whichever worker process decoded them."""
@@ -239,14 +302,35 @@ class _WithSkipped(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        if hasattr(self.dataset, "checked_item"):
-            return self.dataset.checked_item(i)
-        return self.dataset[i], []
+        return checked_item(self.dataset, i)
+
+    def __getitems__(self, indices):
+        # the image cache reads a whole batch at once; the DataLoader only asks the outer dataset
+        if hasattr(self.dataset, "__getitems__"):
+            return [(image, []) for image in self.dataset.__getitems__(indices)]
+        return [self[i] for i in indices]
 
 
 def _collate(items):
+    """[(tensor, skipped files)] -> (stacked tensors, all skipped files)."""
     images, skipped = zip(*items)
     return torch.stack(images), [s for sk in skipped for s in sk]
+
+
+class Unreadable:
+    """The unreadable files met so far; each is named in a warning the first time it is met."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def met(self, skipped):
+        """Note a batch's skipped files [(path, reason)]; returns their paths."""
+        for path, reason in skipped:
+            if path not in self.seen:
+                self.seen.add(path)
+                warnings.warn(f"unreadable image {path!r} ({reason}); replaced by the next "
+                              f"readable file, training goes on")
+        return {path for path, _ in skipped}
 
 
 def _ignore_stop_signals(worker_id):
@@ -269,17 +353,12 @@ def training_batches(dataset, config, start_step=0, rank=0, world_size=1):
                         persistent_workers=config.num_workers > 0,
                         generator=torch.Generator().manual_seed(config.seed),
                         worker_init_fn=_ignore_stop_signals if config.num_workers > 0 else None)
-    warned, epoch_bad = set(), set()
+    unreadable, epoch_bad = Unreadable(), set()
     for step, (images, skipped) in enumerate(loader, start=start_step + 1):
-        for path, reason in skipped:
-            epoch_bad.add(path)
-            if path not in warned:
-                warned.add(path)
-                warnings.warn(f"unreadable image {path!r} ({reason}); replaced by the next "
-                              f"readable file, training goes on", stacklevel=1)
+        epoch_bad |= unreadable.met(skipped)
         if step % sampler.steps_per_epoch == 0 and epoch_bad:
             print(f"epoch {step // sampler.steps_per_epoch}: {len(epoch_bad)} unreadable image "
-                  f"file(s) replaced ({len(warned)} in this run so far); remove or fix them",
+                  f"file(s) replaced ({len(unreadable.seen)} in this run so far); remove or fix them",
                   flush=True)
             epoch_bad = set()
         yield images

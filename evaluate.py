@@ -20,9 +20,9 @@ import os
 import torch
 from torch import nn
 
-from checkpoint import atomic_save, load_checkpoint, load_generator
+from checkpoint import atomic_save, load_models
 from cli import Parser, UserError, reason, run
-from data_loader import ImageFolderFlat, find_images
+from data_loader import ImageFolderFlat, crop_for, find_images
 from utils import pick_device
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -210,9 +210,9 @@ def evaluate(args):
     if not os.path.isdir(args.real):
         raise UserError(f"--real {args.real!r} is not a folder of images")
     device = pick_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    crop = args.center_crop if args.center_crop is not None else ckpt["config"].get("center_crop", 160)
-    G = load_generator(args.checkpoint, device, ema=not args.raw_g)
+    loaded = load_models(args.checkpoint, device, ema=not args.raw_g)
+    G = loaded.G
+    crop = args.center_crop if args.center_crop is not None else crop_for(loaded.config, args.real)
     features = make_features(args.features, args.feature_weights).to(device)
 
     real, how = real_features(args.real, G.image_size, crop, args.num_real, features, args.batch_size,
@@ -220,8 +220,8 @@ def evaluate(args):
     print(f"real: {len(real)} images of {args.real} at {G.image_size}px, crop {crop}: {how}")
     fake = features_of(fake_batches(G, args.num_samples, args.batch_size, args.seed, device), features, device)
     scores = fid_kid(real, fake, args.kid_subset_size, args.kid_subsets, args.seed)
-    scores.update(checkpoint=args.checkpoint, step=ckpt["step"], generator="raw" if args.raw_g or
-                  "G_ema" not in ckpt else "EMA", num_fake=len(fake), num_real=len(real), features=features.name)
+    scores.update(checkpoint=args.checkpoint, step=loaded.step, generator="EMA" if loaded.ema else "raw",
+                  num_fake=len(fake), num_real=len(real), features=features.name)
     return scores
 
 

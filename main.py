@@ -7,18 +7,18 @@
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 
 import torch
 
 from checkpoint import RunLock
 from cli import Parser, UserError, run
-from data_loader import make_dataset
-from safety import Diverged, Interrupted, resume_command
+from data_loader import folder_crops, make_dataset
 from distributed import cleanup_distributed, setup_distributed
 from sagan_models import check_attn, check_imsize, default_attn
-from speed import check_precision
-from trainer import Trainer
+from stopping import Diverged, Interrupted
+from trainer import Trainer, check_precision
 from utils import pick_device
 
 PRESETS = {
@@ -79,7 +79,7 @@ def build_parser():
     a("--sync_bn", action="store_true",
       help="under torchrun, BatchNorm statistics of G over the global batch (SyncBatchNorm)")
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    # speed (speed.py); none of these changes the algorithm except --reuse_fake
+    # speed (trainer.py); none of these changes the algorithm except --reuse_fake
     a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
       help="autocast precision on CUDA (fp16 adds loss scaling); CPU runs fp32")
     a("--channels_last", action="store_true", help="NHWC memory layout for models and batches")
@@ -93,9 +93,11 @@ def build_parser():
       help="continue from the checkpoint saved at STEP")
     # data
     a("--dataset", default="celeb", choices=["celeb", "synthetic"])
-    a("--image_path", default="dataset/celebA", help="folder of images, any nesting")
-    a("--center_crop", type=int, default=160,
-      help="side of the centre square cut before resizing (CelebA: 160); 0 = largest square")
+    a("--image_path", nargs="+", default=["dataset/celebA"], metavar="FOLDER",
+      help="folder(s) of images, any nesting; several folders train as one dataset")
+    a("--center_crop", type=int, nargs="+", default=[160], metavar="SIDE",
+      help="side of the centre square cut before resizing, one for every --image_path folder or one "
+           "each in the same order (CelebA: 160; its half-size copy: 80); 0 = largest square")
     a("--cache", default="auto", choices=["auto", "off"],
       help="auto: decode the image folder once into a uint8 memory-mapped cache at --imsize and "
            "train from it (rebuilt when the images, --imsize or --center_crop change); off: decode "
@@ -113,6 +115,7 @@ def build_parser():
     a("--n_samples", type=int, default=64, help="fixed-z samples drawn at every --sample_step")
     # dashboard
     a("--no_visdom", action="store_true", help="don't talk to a visdom server")
+    a("--visdom", dest="no_visdom", action="store_false", help="talk to it even where a preset says --no_visdom")
     a("--visdom_server", default="http://localhost")
     a("--visdom_port", type=int, default=8097)
     return p
@@ -137,9 +140,12 @@ def check_config(c):
                  "g_conv_dim", "d_conv_dim", "synthetic_size", "n_samples", "visdom_port"):
         if getattr(c, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(c, name)}")
-    for name in ("num_workers", "keep_last", "center_crop", "lambda_gp", "beta1", "beta2", "ema_start"):
+    for name in ("num_workers", "keep_last", "lambda_gp", "beta1", "beta2", "ema_start"):
         if getattr(c, name) < 0:
             raise ValueError(f"--{name} must not be negative, got {getattr(c, name)}")
+    if min(c.center_crop) < 0:
+        raise ValueError(f"--center_crop must not be negative, got {' '.join(map(str, c.center_crop))}")
+    c.center_crop = [crop for _, crop in folder_crops(c)]
     for name in ("g_lr", "d_lr"):
         if not getattr(c, name) > 0:
             raise ValueError(f"--{name} must be positive, got {getattr(c, name)}")
@@ -177,10 +183,31 @@ def check_data_size(n, config, world_size):
     if n >= config.batch_size * world_size:
         return
     where = (f"--synthetic_size {n} is" if config.dataset == "synthetic"
-             else f"--image_path {config.image_path!r} has {n} image{'s' * (n != 1)},")
+             else f"--image_path {' '.join(map(repr, config.image_path))} has {n} image{'s' * (n != 1)},")
     ranks = f" x {world_size} processes" if world_size > 1 else ""
     raise UserError(f"{where} fewer than the global batch {config.batch_size * world_size} "
                     f"(--batch_size {config.batch_size}{ranks}): lower --batch_size or use more images")
+
+
+def resume_command(argv, *extra):
+    """`python main.py` with this run's flags and `extra` (default --resume) replacing any same flag;
+    the flags that pick a checkpoint (--resume, --pretrained_model) are always replaced."""
+    extra = list(extra) or ["--resume"]
+    drop = {"--resume", "--pretrained_model"} | {a for a in extra if a.startswith("--")}
+
+    def dropped(arg):  # argparse also takes unambiguous prefixes (--res, --pretrained)
+        name = arg.split("=")[0]
+        return next((f for f in drop if len(name) > 4 and f.startswith(name)), None)
+
+    kept, i = [], 0
+    while i < len(argv):
+        flag = dropped(argv[i]) if argv[i].startswith("--") else None
+        if flag is None:
+            kept.append(argv[i])
+        elif flag != "--resume" and "=" not in argv[i]:
+            i += 1  # its value goes too
+        i += 1
+    return shlex.join(["python", "main.py", *kept, *extra])
 
 
 def make_dashboard(config, trainer):

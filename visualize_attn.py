@@ -9,7 +9,8 @@ checkpoint, headless (PNG out, no display needed).
 Views: query (the seed README's figure for one layer), layers (every layer side by side), queries
 (several colour-coded queries, the SAGAN paper's Figure 1), grid (one query across many images),
 saliency (attention each key receives). A query is an image pixel --pixel X,Y (x right, y down,
-from 0) or a feature cell of --layer, --cell ROW,COL.
+from 0) or a feature cell of --layer, --cell ROW,COL. The generator shown is the EMA one when the
+checkpoint has it (as in the run's samples), the raw G with --raw_g; every output says which.
 """
 import argparse
 import os
@@ -19,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: never needs a display
 
 import attention_viz as av  # noqa: E402
+from attention import TOPK, load_image  # noqa: E402
+from checkpoint import find_checkpoint  # noqa: E402
 from cli import Parser, UserError, run  # noqa: E402
 
 VIEWS = ("query", "layers", "queries", "grid", "saliency")
@@ -48,7 +51,9 @@ def seed_list(text):
 def build_parser():
     p = Parser(prog="visualize_attn.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--checkpoint", required=True, help="a checkpoint of this project, e.g. models/quick/latest.pt")
+    a("--checkpoint", help="a checkpoint of this project, e.g. models/quick/latest.pt (default: "
+                            "$SAGAN_CHECKPOINT, else the newest run under models/, else the showcase "
+                            "model in assets/)")
     a("--out", help="PNG file for the figure (not needed with --table alone)")
     a("--view", choices=VIEWS, default="query",
       help="query: one layer, the seed's figure; layers: every layer; queries: several colour-coded "
@@ -59,10 +64,11 @@ def build_parser():
     a("--pixel", type=int_pair, action="append", metavar="X,Y",
       help="query as an image pixel (default: about a face's left eye); repeat for --view queries")
     a("--cell", type=int_pair, metavar="ROW,COL", help="query as a feature cell of --layer")
-    a("--topk", type=int, default=av.TOPK, help="top attended locations marked")
+    a("--topk", type=int, default=TOPK, help="top attended locations marked")
     a("--upsample", choices=["nearest", "bilinear"], default="nearest",
       help="map over the image: nearest = the layer's true blocks (default), bilinear = smooth")
     a("--channel", type=int, help="feature panel shows this channel (default: mean over channels)")
+    a("--raw_g", action="store_true", help="show the raw G, not the EMA generator")
     a("--with_d", action="store_true", help="include the discriminator's attention layers")
     a("--d_image", help="an image file D attends over (default: the generated image); implies --with_d")
     a("--center_crop", type=int, default=160, help="crop for --d_image as in training (0: largest square)")
@@ -124,10 +130,14 @@ def explore(argv=None):
     try:
         from utils import pick_device
         device = pick_device(args.device)
-        ex = av.Explorer.from_checkpoint(args.checkpoint, device, with_d=args.with_d or bool(args.d_image))
+        args.checkpoint, why = find_checkpoint(args.checkpoint)
+        if why != "given":
+            print(f"checkpoint: {args.checkpoint} ({why})")
+        ex = av.Explorer.from_checkpoint(args.checkpoint, device, with_d=args.with_d or bool(args.d_image),
+                                         ema=not args.raw_g)
         if not ex.layers:
             raise UserError(f"{args.checkpoint!r} has no attention layers (trained with --g_attn none)")
-        d_image = av.load_image(args.d_image, ex.imsize, args.center_crop) if args.d_image else None
+        d_image = load_image(args.d_image, ex.imsize, args.center_crop) if args.d_image else None
         print(ex.describe())
         if args.out:
             fig, _ = make_figure(ex, args, d_image)

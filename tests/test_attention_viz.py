@@ -1,8 +1,6 @@
 """attention_viz: geometry, extraction and statistics against the model's own full maps, and planted
 attention peaks that every figure must mark at the right pixel (non-square maps included)."""
 import math
-import os
-import sys
 
 import matplotlib
 
@@ -11,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import attention as at  # noqa: E402
 import attention_viz as av  # noqa: E402
 from sagan_models import Discriminator, Generator  # noqa: E402
 
@@ -80,31 +78,41 @@ def test_every_pixel_of_a_block_maps_to_its_cell_and_the_cell_centre_is_the_bloc
     sy, sx = h / H, w / W
     for i in range(H):
         for j in range(W):
-            x, y = av.cell_to_pixel(i, j, map_hw, img_hw)
+            x, y = at.cell_to_pixel(i, j, map_hw, img_hw)
             assert (x, y) == ((j + 0.5) * sx, (i + 0.5) * sy)
             for py in range(int(i * sy), int((i + 1) * sy)):
                 for px in range(int(j * sx), int((j + 1) * sx)):
-                    assert av.pixel_to_cell(px, py, map_hw, img_hw) == (i, j)
-    n = av.cell_to_index(2, 5, W)
-    assert n == 2 * W + 5 and av.index_to_cell(n, W) == (2, 5)
+                    assert at.pixel_to_cell(px, py, map_hw, img_hw) == (i, j)
+    n = at.cell_to_index(2, 5, W)
+    assert n == 2 * W + 5 and at.index_to_cell(n, W) == (2, 5)
 
 
 def test_queries_out_of_range_are_clear_errors():
     with pytest.raises(ValueError, match=r"x must be in 0\.\.31"):
-        av.pixel_to_cell(32, 0, (8, 8), (32, 32))
+        at.pixel_to_cell(32, 0, (8, 8), (32, 32))
     with pytest.raises(ValueError, match=r"outside the 4x8 map of G16"):
-        av.resolve_query((4, 8), (32, 32), cell=(4, 0), layer="G16")
+        at.resolve_query((4, 8), (32, 32), cell=(4, 0), layer="G16")
     with pytest.raises(ValueError, match="either"):
-        av.resolve_query((4, 8), (32, 32), pixel=(1, 1), cell=(0, 0))
+        at.resolve_query((4, 8), (32, 32), pixel=(1, 1), cell=(0, 0))
     with pytest.raises(ValueError, match="G16 or D8"):
-        av.parse_layer("16")
+        at.parse_layer("16")
     with pytest.raises(ValueError, match="its attention layers are G8, G16"):
-        av.check_layer("G32", ["G8", "G16"])
+        at.check_layer("G32", ["G8", "G16"])
+
+
+def test_one_face_layout_for_the_explorer_the_dashboard_and_the_ablation():
+    faces = at.face_pixels(32)
+    assert list(faces) == ["left eye", "right eye", "centre", "mouth"]  # the dashboard's panel columns
+    assert av.Explorer(tiny_g()).default_pixel() == faces["left eye"] == (12, 15)
+    # pixel_queries puts each pixel in its cell of every layer: the queries of the panel and the ablation
+    q = at.pixel_queries(tiny_g(), [faces["left eye"], faces["right eye"]])
+    assert {name: idx.tolist() for name, idx in q.items()} == {"G8": [3 * 8 + 3, 3 * 8 + 4],
+                                                               "G16": [7 * 16 + 6, 7 * 16 + 9]}
 
 
 def test_topk_cells_read_non_square_maps_row_major():
     m = planted_map(4, 8, (3, 1), (0, 7))
-    top = av.topk_cells(m, 3)
+    top = at.topk_cells(m, 3)
     assert [(i, j) for i, j, _ in top[:2]] == [(3, 1), (0, 7)]
     assert top[0][2] > top[1][2] > top[2][2]
 
@@ -113,20 +121,20 @@ def test_topk_cells_read_non_square_maps_row_major():
 def test_nearest_upsampling_puts_a_cell_on_its_pixel_block(peak):
     m = np.zeros((4, 8), np.float32)
     m[peak] = 1
-    up = av.upsample_map(m, (32, 32), "nearest")
+    up = at.upsample_map(m, (32, 32), "nearest")
     ys, xs = np.nonzero(up)
     i, j = peak
     assert set(ys) == set(range(i * 8, i * 8 + 8)) and set(xs) == set(range(j * 4, j * 4 + 4))
-    assert block_centre(up, (0, 32, 32, 0)) == pytest.approx(av.cell_to_pixel(i, j, (4, 8), (32, 32)))
+    assert block_centre(up, (0, 32, 32, 0)) == pytest.approx(at.cell_to_pixel(i, j, (4, 8), (32, 32)))
 
 
 def test_bilinear_upsampling_keeps_an_interior_peak_centred_on_its_block():
     m = np.zeros((4, 8), np.float32)
     m[1, 5] = 1
-    up = av.upsample_map(m, (32, 32), "bilinear")
-    assert block_centre(up, (0, 32, 32, 0)) == pytest.approx(av.cell_to_pixel(1, 5, (4, 8), (32, 32)))
+    up = at.upsample_map(m, (32, 32), "bilinear")
+    assert block_centre(up, (0, 32, 32, 0)) == pytest.approx(at.cell_to_pixel(1, 5, (4, 8), (32, 32)))
     with pytest.raises(ValueError, match="nearest"):
-        av.upsample_map(m, (32, 32), "bicubic")
+        at.upsample_map(m, (32, 32), "bicubic")
 
 
 # ----------------------------------------------------------------------------- planted-peak figures
@@ -143,14 +151,14 @@ def expect_marks(ax, m, img_hw, k):
     # whatever is drawn first (image or feature grid) spans the same units as the markers: pixel x
     # covers [x, x+1), not imshow's default [x-0.5, x+0.5)
     assert tuple(ax.get_images()[0].get_extent()) == (0, units[1], units[0], 0)
-    assert query_xy(ax) == pytest.approx(av.cell_to_pixel(*QUERY, MAP_HW, units))
+    assert query_xy(ax) == pytest.approx(at.cell_to_pixel(*QUERY, MAP_HW, units))
     if k:
         offsets, sizes = topk_dots(ax)
         assert len(offsets) == k
-        assert tuple(offsets[0]) == pytest.approx(av.cell_to_pixel(*PEAK, MAP_HW, units))
-        assert tuple(offsets[1]) == pytest.approx(av.cell_to_pixel(*SECOND, MAP_HW, units))
+        assert tuple(offsets[0]) == pytest.approx(at.cell_to_pixel(*PEAK, MAP_HW, units))
+        assert tuple(offsets[1]) == pytest.approx(at.cell_to_pixel(*SECOND, MAP_HW, units))
         # dot area proportional to weight
-        weights = np.array([w for *_, w in av.topk_cells(m, k)])
+        weights = np.array([w for *_, w in at.topk_cells(m, k)])
         assert sizes / sizes[0] == pytest.approx(weights / weights[0], rel=1e-5)
 
 
@@ -175,7 +183,7 @@ def test_query_figure_marks_a_planted_peak_at_the_right_pixel_in_every_panel(ups
     only_peak = np.where(np.asarray(over.get_array()) >= 0.75 * np.max(over.get_array()),
                          np.asarray(over.get_array()), 0)
     assert block_centre(only_peak, over.get_extent()) == pytest.approx(
-        av.cell_to_pixel(*PEAK, MAP_HW, (32, 32)), abs=0.01)
+        at.cell_to_pixel(*PEAK, MAP_HW, (32, 32)), abs=0.01)
     matplotlib.pyplot.close(fig)
 
 
@@ -186,18 +194,18 @@ def test_layers_queries_grid_and_saliency_figures_mark_planted_peaks():
                                pixel=(5, 20), k=4)
     expect_marks(axes["G16"], m, (32, 32), 4)
     # the transposed 8x4 map: its peak is at (6, 1), its query at (1, 2)
-    assert query_xy(axes["G8"]) == pytest.approx(av.cell_to_pixel(1, 2, (8, 4), (32, 32)))
-    assert tuple(topk_dots(axes["G8"])[0][0]) == pytest.approx(av.cell_to_pixel(6, 1, (8, 4), (32, 32)))
+    assert query_xy(axes["G8"]) == pytest.approx(at.cell_to_pixel(1, 2, (8, 4), (32, 32)))
+    assert tuple(topk_dots(axes["G8"])[0][0]) == pytest.approx(at.cell_to_pixel(6, 1, (8, 4), (32, 32)))
     assert query_xy(axes["image"]) == (5.5, 20.5)  # the query pixel's centre
     matplotlib.pyplot.close(fig)
 
     other = planted_map(*MAP_HW, (0, 0))
     fig, axes = av.plot_queries(IMG, [dict(map=m, cell=QUERY), dict(map=other, cell=(3, 7))], k=3)
-    assert query_xy(axes["image"], "red") == pytest.approx(av.cell_to_pixel(*QUERY, MAP_HW, (32, 32)))
-    assert query_xy(axes["image"], "lime") == pytest.approx(av.cell_to_pixel(3, 7, MAP_HW, (32, 32)))
+    assert query_xy(axes["image"], "red") == pytest.approx(at.cell_to_pixel(*QUERY, MAP_HW, (32, 32)))
+    assert query_xy(axes["image"], "lime") == pytest.approx(at.cell_to_pixel(3, 7, MAP_HW, (32, 32)))
     expect_marks(axes["q0"], m, (32, 32), 3)
-    assert query_xy(axes["q1"], "lime") == pytest.approx(av.cell_to_pixel(3, 7, MAP_HW, (32, 32)))
-    assert tuple(topk_dots(axes["q1"])[0][0]) == pytest.approx(av.cell_to_pixel(0, 0, MAP_HW, (32, 32)))
+    assert query_xy(axes["q1"], "lime") == pytest.approx(at.cell_to_pixel(3, 7, MAP_HW, (32, 32)))
+    assert tuple(topk_dots(axes["q1"])[0][0]) == pytest.approx(at.cell_to_pixel(0, 0, MAP_HW, (32, 32)))
     matplotlib.pyplot.close(fig)
 
     fig, axes = av.plot_grid([IMG] * 3, [m] * 3, QUERY, k=2, ncols=2)
@@ -212,7 +220,7 @@ def test_layers_queries_grid_and_saliency_figures_mark_planted_peaks():
     s = heat(axes["G16"])
     assert tuple(s.get_extent()) == (0, 32, 32, 0)
     assert block_centre(s.get_array(), s.get_extent()) == pytest.approx(
-        av.cell_to_pixel(*PEAK, MAP_HW, (32, 32)))
+        at.cell_to_pixel(*PEAK, MAP_HW, (32, 32)))
     matplotlib.pyplot.close(fig)
 
 
@@ -220,21 +228,21 @@ def test_layers_queries_grid_and_saliency_figures_mark_planted_peaks():
 
 def test_query_rows_equal_the_full_maps_rows_by_every_path():
     G = tiny_g()
-    z = av.z_for_seeds([3, 4], G.z_dim)
+    z = at.z_for_seeds([3, 4], G.z_dim)
     with torch.no_grad():
         img_full, full = G(z, return_attn=True)                 # {res: (B, N, N)}
     q = {"G8": torch.tensor([0, 9, 63]), "G16": torch.tensor([255, 17])}
-    img, feats, rows = av.run_net(G, z, q)
+    img, feats, rows = at.run_net(G, z, q)
     assert torch.allclose(img, img_full, atol=1e-6)
     for name, idx in q.items():
         res = int(name[1:])
         ref = full[res][:, idx]                                  # (B, Q, N)
         assert rows[name].shape == ref.shape
         assert torch.allclose(rows[name], ref, atol=1e-6)
-        again = av.attention_rows(G.attn[str(res)], feats[name], idx, chunk=1)
+        again = at.attention_rows(G.attn[str(res)], feats[name], idx, chunk=1)
         assert torch.allclose(again, ref, atol=1e-6)
         assert torch.allclose(ref.sum(-1), torch.ones(ref.shape[:2]), atol=1e-5)
-        sal = av.key_saliency(G.attn[str(res)], feats[name], chunk=50)
+        sal = at.key_saliency(G.attn[str(res)], feats[name], chunk=50)
         assert torch.allclose(sal, full[res].sum(1).reshape(sal.shape), atol=1e-4)
         assert sal.sum().item() == pytest.approx(2 * res * res, rel=1e-5)
     # the maps are not uniform here, so the comparisons above could fail
@@ -242,8 +250,8 @@ def test_query_rows_equal_the_full_maps_rows_by_every_path():
 
 
 def test_z_for_a_seed_does_not_depend_on_its_batch():
-    a = av.z_for_seeds([5], 16)
-    b = av.z_for_seeds([1, 5, 9], 16)
+    a = at.z_for_seeds([5], 16)
+    b = at.z_for_seeds([1, 5, 9], 16)
     assert torch.equal(a[0], b[1]) and not torch.equal(b[0], b[1])
 
 
@@ -253,8 +261,8 @@ def test_discriminator_layers_are_captured_on_images():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         _, full = D(x, return_attn=True)
-    _, feats, rows = av.run_net(D, x, {"D4": torch.tensor([5])})
-    assert set(feats) == {"D8", "D4"} and list(av.attention_layers(D)) == ["D8", "D4"]
+    _, feats, rows = at.run_net(D, x, {"D4": torch.tensor([5])})
+    assert set(feats) == {"D8", "D4"} and list(at.attention_layers(D)) == ["D8", "D4"]
     assert torch.allclose(rows["D4"], full[4][:, [5]], atol=1e-6)
 
 
@@ -265,35 +273,35 @@ def test_statistics_on_known_rows():
     uniform = torch.full((1, 1, N), 1 / N)
     onehot = torch.zeros(1, 1, N)
     onehot[0, 0, 15] = 1
-    assert av.topk_mass(uniform, 10).item() == pytest.approx(10 / N)
-    assert av.entropy_norm(uniform).item() == pytest.approx(1)
-    assert av.entropy_norm(onehot).item() == pytest.approx(0, abs=1e-6)
+    assert at.topk_mass(uniform, 10).item() == pytest.approx(10 / N)
+    assert at.entropy_norm(uniform).item() == pytest.approx(1)
+    assert at.entropy_norm(onehot).item() == pytest.approx(0, abs=1e-6)
     # 4x4 map on a 32px image: query cell (0, 0) at (4, 4), key cell (3, 3) at (28, 28)
-    d = av.mean_distance(onehot, [0], (4, 4), (32, 32))
+    d = at.mean_distance(onehot, [0], (4, 4), (32, 32))
     assert d.item() == pytest.approx(math.hypot(24, 24))
-    assert av.uniform_distance([0], (4, 4), (32, 32)).item() == pytest.approx(
-        av.mean_distance(uniform, [0], (4, 4), (32, 32)).item())
+    assert at.uniform_distance([0], (4, 4), (32, 32)).item() == pytest.approx(
+        at.mean_distance(uniform, [0], (4, 4), (32, 32)).item())
     # query independence: identical maps 1, disjoint maps 0, half-overlapping in between
     same = torch.stack([onehot[0, 0]] * 3)[None]
     eye = torch.eye(N)[None, :4]
-    assert av.query_independence(same).item() == pytest.approx(1)
-    assert av.query_independence(eye).item() == pytest.approx(0, abs=1e-6)
+    assert at.query_independence(same).item() == pytest.approx(1)
+    assert at.query_independence(eye).item() == pytest.approx(0, abs=1e-6)
     half = torch.tensor([[[0.5, 0.5, 0, 0], [0, 0.5, 0.5, 0]]])
-    assert av.query_independence(half).item() == pytest.approx(0.5)
+    assert at.query_independence(half).item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="at least 2"):
-        av.query_independence(onehot)
+        at.query_independence(onehot)
 
 
 def test_layer_table_sees_inert_and_active_attention():
-    inert = av.layer_statistics(tiny_g(gamma=0.0), [0, 1], n_queries=8)
+    inert = at.layer_statistics(tiny_g(gamma=0.0), [0, 1], n_queries=8)
     assert [r["name"] for r in inert] == ["G8", "G16"]
     assert all(r["verdict"] == "inert" and r["share"] == 0 for r in inert)
-    active = av.layer_statistics(tiny_g(gamma=0.5), [0, 1], n_queries=8)
+    active = at.layer_statistics(tiny_g(gamma=0.5), [0, 1], n_queries=8)
     for r in active:
         assert r["share"] > 0.01 and r["verdict"] != "inert"
         assert r["top_mass"] > r["uniform"] and r["entropy"] < 0.97
         assert 0 <= r["qi"] <= 1 and r["dist"] > 0
-    text = av.format_table(active, 2, 8)
+    text = at.format_table(active, 2, 8)
     assert text.count("\n| G") == 2 and "top-10 mass (uniform)" in text
 
 

@@ -1,14 +1,16 @@
 """The dashboard's attention panel: query pixels -> map cells, the rows G gives, the picture drawn."""
-import sys
-from pathlib import Path
-
 import numpy as np
+import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dashboard import (FACE_QUERIES, PANEL_HEAD, PANEL_SIDE, _colormap, attention_rows,  # noqa: E402
-                       query_index, render_attention_panel)
-from sagan_models import Generator  # noqa: E402
+from attention import cell_to_index, face_pixels, pixel_queries, pixel_to_cell
+from dashboard import PANEL_HEAD, PANEL_SIDE, _colormap, render_attention_panel, sample_attention
+from sagan_models import Generator
+
+
+def query_index(x, y, imsize, H, W):
+    """The panel's query: the row-major index of the cell holding image pixel (x, y)."""
+    return cell_to_index(*pixel_to_cell(x, y, (H, W), (imsize, imsize)), W)
 
 
 def test_query_index_is_row_major_cell_of_the_pixel():
@@ -16,7 +18,9 @@ def test_query_index_is_row_major_cell_of_the_pixel():
     assert query_index(16, 16, 32, 8, 8) == 4 * 8 + 4
     assert query_index(31.9, 0, 32, 8, 8) == 7          # last column, first row
     assert query_index(0, 31.9, 32, 8, 8) == 7 * 8      # first column, last row
-    assert query_index(32, 32, 32, 8, 8) == 63          # the far edge stays inside the map
+    assert query_index(31, 31, 32, 8, 8) == 63          # the last pixel is the last cell
+    with pytest.raises(ValueError, match=r"x must be in 0\.\.31"):  # past the edge: not a pixel
+        query_index(32, 32, 32, 8, 8)
     # non-square map: i from y and H, j from x and W, index i * W + j
     assert query_index(x=20, y=12, imsize=32, H=4, W=8) == 1 * 8 + 5
 
@@ -29,9 +33,9 @@ def test_attention_rows_are_the_rows_of_the_full_map():
     G.train()
     bn_mean = G.blocks[1][1].running_mean.clone()
     z = torch.randn(3, 16)
-    points = [(fx * 32, fy * 32) for _, fx, fy in FACE_QUERIES]
+    points = list(face_pixels(32).values())
 
-    image, rows = attention_rows(G, z, points)
+    image, rows = sample_attention(G, z, points)
 
     assert G.training and torch.equal(G.blocks[1][1].running_mean, bn_mean)  # restored, untouched
     G.eval()
@@ -39,10 +43,13 @@ def test_attention_rows_are_the_rows_of_the_full_map():
         full_img, full = G(z[:1], return_attn=True)  # full[r]: (1, r*r, r*r)
     assert image.shape == (3, 32, 32) and image.min() >= 0 and image.max() <= 1
     assert torch.allclose(image, (full_img[0] + 1) / 2, atol=1e-6)
-    assert sorted(rows) == [8, 16]
-    for r, m in rows.items():
+    assert list(rows) == ["G8", "G16"]
+    queries = pixel_queries(G, points)
+    for name, m in rows.items():
+        r = int(name[1:])
         assert m.shape == (len(points), r, r)
         idx = [query_index(x, y, 32, r, r) for x, y in points]
+        assert queries[name].tolist() == idx
         assert torch.allclose(m.flatten(1), full[r][0, idx], atol=1e-6)
         assert torch.allclose(m.flatten(1).sum(1), torch.ones(len(points)), atol=1e-5)
 
@@ -51,9 +58,9 @@ def test_panel_puts_each_map_under_its_query_with_the_hot_cell_where_it_is():
     S, tile, gap, head, side = 32, 112, 2, PANEL_HEAD, PANEL_SIDE
     image = torch.full((3, S, S), 0.5)
     points = [(4.0, 4.0), (28.0, 20.0)]
-    maps = {8: torch.full((2, 8, 8), 0.5 / 63), 16: torch.full((2, 16, 16), 0.5 / 255)}
-    maps[8][0, 6, 1] = 0.5   # query 0, layer 8: hot cell in row 6, column 1
-    maps[16][1, 2, 13] = 0.5  # query 1, layer 16: hot cell in row 2, column 13
+    maps = {"G8": torch.full((2, 8, 8), 0.5 / 63), "G16": torch.full((2, 16, 16), 0.5 / 255)}
+    maps["G8"][0, 6, 1] = 0.5   # query 0, layer 8: hot cell in row 6, column 1
+    maps["G16"][1, 2, 13] = 0.5  # query 1, layer 16: hot cell in row 2, column 13
 
     panel = render_attention_panel(image, maps, points, ["a", "b"], tile=tile)
 

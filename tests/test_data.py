@@ -91,3 +91,52 @@ def test_find_images_skips_hidden_and_sorts(tmp_path):
     write_jpeg(tmp_path / "a.jpg", (8, 8), (0, 0, 0))
     write_jpeg(tmp_path / ".hidden" / "c.jpg", (8, 8), (0, 0, 0))
     assert [os.path.basename(p) for p in find_images(str(tmp_path))] == ["a.jpg", "b.jpg"]
+
+
+def framed_face(size):
+    """A 178x218-shaped test image (scaled to `size`): inside its centre 160/178 square the left half
+    is red and the right half blue; outside it, green. Cut at 160 (full size) or 80 (half size), only
+    red and blue remain."""
+    w, h = size
+    s = w * 160 / 178
+    left, top = (w - s) / 2, (h - s) / 2
+    img = Image.new("RGB", size, (0, 255, 0))
+    img.paste((255, 0, 0), (round(left), round(top), round(w / 2), round(top + s)))
+    img.paste((0, 0, 255), (round(w / 2), round(top), round(left + s), round(top + s)))
+    return img
+
+
+def test_two_folders_each_with_its_own_crop(tmp_path):
+    from data_loader import ImageFolders, crop_for, make_dataset
+    from main import parse_args
+
+    full, half = tmp_path / "full", tmp_path / "half"
+    for folder, size, n in ((full, (178, 218), 3), (half, (89, 109), 5)):
+        folder.mkdir()
+        for i in range(n):
+            framed_face(size).save(folder / f"{i:06d}.jpg", quality=95)
+    config = parse_args(["--image_path", str(full), str(half), "--center_crop", "160", "80",
+                         "--imsize", "32", "--cache", "off"])
+    ds = make_dataset(config)
+    assert isinstance(ds, ImageFolders) and len(ds) == 8
+    a, b = ds[0], ds[7]  # one image of each folder
+    for x in (a, b):
+        assert x[1].max() < -0.5, "green frame inside the crop"  # the frame was cut off
+        assert x[0, :, :12].mean() > 0.8 and x[2, :, -12:].mean() > 0.8  # red left, blue right
+    assert (a - b).abs().mean() < 0.1  # the two resolutions frame the face alike
+    image, skipped = ds.checked_item(7)
+    assert torch.equal(image, b) and skipped == []
+    assert crop_for(vars(config), str(half)) == 80 and crop_for(vars(config), str(full)) == 160
+    # one crop for both: the half-size images keep their green frame
+    wrong = make_dataset(parse_args(["--image_path", str(full), str(half), "--center_crop", "160",
+                                     "--imsize", "32", "--cache", "off"]))
+    assert wrong[7][1].max() > 0.5
+
+
+def test_center_crop_count_must_match_folders(tmp_path, capsys):
+    from main import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--image_path", "a", "b", "c", "--center_crop", "160", "80"])
+    assert e.value.code == 2
+    assert "--center_crop has 2 values for 3 --image_path folders" in capsys.readouterr().err

@@ -25,9 +25,10 @@ from checkpoint import CheckpointError, load_checkpoint, load_generator
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 COMMANDS = ("main.py", "visualize_attn.py", "evaluate.py")
-# damage that only the commands reading that part must refuse: evaluate.py never rebuilds D, and
-# only a resumed run restores the RNG states
-READ_BY = {"D_wrong_shapes": ("main.py", "visualize_attn.py"), "rng_empty": ("main.py",)}
+# damage that only the commands reading that part must refuse: evaluate.py never rebuilds D, only a
+# resumed run restores the RNG states, and resuming compares the architecture flags it knows
+READ_BY = {"D_wrong_shapes": ("main.py", "visualize_attn.py"), "rng_empty": ("main.py",),
+           "unknown_model_arg": ("visualize_attn.py", "evaluate.py")}
 
 
 # ----------------------------------------------------------------------------- the inputs
@@ -78,7 +79,7 @@ def write_malformed(real_ckpt, folder):
         "a_list": [1, 2, 3],
         "a_tensor": torch.zeros(3),
         "seed_repo_state_dict": {"l1.weight": torch.zeros(2, 2)},
-        "dict_without_G": edited(ckpt, lambda c: c.pop("G")),
+        "dict_without_G": edited(ckpt, lambda c: (c.pop("G"), c.pop("G_ema"))),
         "step_a_string": edited(ckpt, lambda c: c.update(step="2")),
         "config_none": edited(ckpt, lambda c: c.update(config=None)),
         "model_args_a_list": edited(ckpt, lambda c: c.update(model_args=[1])),
@@ -88,7 +89,7 @@ def write_malformed(real_ckpt, folder):
         "image_size_none": edited(ckpt, lambda c: c["model_args"]["G"].update(image_size=None)),
         "image_size_a_list": edited(ckpt, lambda c: c["model_args"]["G"].update(image_size=[64])),
         "image_size_a_float": edited(ckpt, lambda c: c["model_args"]["G"].update(image_size=32.0)),
-        "image_size_huge": edited(ckpt, lambda c: c["model_args"]["D"].update(image_size=2 ** 40)),
+        "image_size_huge": edited(ckpt, lambda c: c["model_args"]["G"].update(image_size=2 ** 40)),
         "z_dim_negative": edited(ckpt, lambda c: c["model_args"]["G"].update(z_dim=-3)),
         "attn_res_a_string": edited(ckpt, lambda c: c["model_args"]["G"].update(attn_res="16")),
         "unknown_model_arg": edited(ckpt, lambda c: c["model_args"]["G"].update(bogus=1)),
@@ -219,7 +220,8 @@ def assert_one_line_error(prog, result, *named):
 def test_loading_any_malformed_file_is_one_checkpoint_error_naming_it(real, malformed, tmp_path):
     """In this process, so the real checkpoint can be cut at many lengths and damaged at many places."""
     data = real[0].read_bytes()
-    files = {name: path for name, path in malformed.items() if name not in READ_BY}
+    # load_generator reads what evaluate.py reads: the generator and what describes it
+    files = {name: path for name, path in malformed.items() if "evaluate.py" in READ_BY.get(name, COMMANDS)}
     for n in truncation_lengths(len(data), 40):
         files[f"cut_{n}"] = tmp_path / f"cut_{n}.pt"
         files[f"cut_{n}"].write_bytes(data[:n])
@@ -231,7 +233,7 @@ def test_loading_any_malformed_file_is_one_checkpoint_error_naming_it(real, malf
             damaged[rng.randrange(len(damaged))] = rng.randrange(256)
         flipped.append(tmp_path / f"flipped_{i}.pt")
         flipped[-1].write_bytes(bytes(damaged))
-    for path in [*files.values(), *flipped, *(malformed[name] for name in READ_BY)]:
+    for path in [*files.values(), *flipped, *(malformed[name] for name in READ_BY if name not in files)]:
         for ema in (True, False):
             try:
                 load_generator(str(path), ema=ema, verbose=False)

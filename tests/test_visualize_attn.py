@@ -13,24 +13,25 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import attention as at  # noqa: E402
+import attention_viz as av  # noqa: E402
 import visualize_attn  # noqa: E402
+from checkpoint import CheckpointError, load_models  # noqa: E402
+from conftest import ROOT, SMOKE, one_thread_env  # noqa: E402
+from sagan_models import Generator  # noqa: E402
 
 NOTEBOOK = os.path.join(ROOT, "visualize_attn.ipynb")
 CELEBA = "/work/shared/data/celeba_sample/img_align_celeba"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+ENV = one_thread_env()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A real 32px checkpoint: 4 steps of main.py on the built-in data."""
     tmp = tmp_path_factory.mktemp("explorer")
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--dataset", "synthetic", "--imsize", "32",
-           "--g_conv_dim", "8", "--d_conv_dim", "8", "--z_dim", "16", "--batch_size", "4",
-           "--synthetic_size", "64", "--num_workers", "0", "--n_samples", "4", "--total_step", "4",
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), *SMOKE, "--total_step", "4",
            "--log_step", "2", "--sample_step", "4", "--model_save_step", "4", "--version", "t",
-           "--no_visdom", "--model_save_path", str(tmp / "models"), "--sample_path", str(tmp / "samples")]
+           "--model_save_path", str(tmp / "models"), "--sample_path", str(tmp / "samples")]
     subprocess.run(cmd, check=True, cwd=tmp, env=ENV, capture_output=True, timeout=300)
     path = tmp / "models" / "t" / "latest.pt"
     assert path.is_file()
@@ -123,6 +124,77 @@ def test_cli_bad_inputs_are_one_line_errors(checkpoint, tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "corrupt" in r.stderr
 
 
+def test_explorer_shows_the_ema_generator_by_default_and_the_raw_g_on_request(checkpoint, tmp_path, capsys):
+    # G_ema planted far from G: every attention gamma at 0.75, which 4 steps of training never reach
+    ckpt = torch.load(checkpoint, weights_only=True)
+    for key in ckpt["G_ema"]:
+        if key.endswith("gamma"):
+            ckpt["G_ema"][key] = torch.full_like(ckpt["G_ema"][key], 0.75)
+    planted = tmp_path / "planted.pt"
+    torch.save(ckpt, planted)
+
+    ema, raw = av.Explorer.from_checkpoint(planted), av.Explorer.from_checkpoint(planted, ema=False)
+    assert (ema.generator, raw.generator) == ("EMA G", "raw G")
+    z = at.z_for_seeds([0], 16)
+    for ex, weights in ((ema, "G_ema"), (raw, "G")):  # each draws the images of its own weights
+        G = Generator(**ckpt["model_args"]["G"])
+        G.load_state_dict(ckpt[weights])
+        with torch.no_grad():
+            assert torch.allclose(ex.run(0)[0], G.eval()(z)[0], atol=1e-6), weights
+    assert "weights of the EMA G" in ema.describe() and "G16 (16, 16) gamma +0.7500" in ema.describe()
+    assert "weights of the raw G" in raw.describe() and "+0.7500" not in raw.describe()
+    fig, _ = ema.query_figure(0, pixel=ema.default_pixel())
+    assert fig._suptitle.get_text().startswith("EMA G: G16, seed 0")
+    fig, _ = raw.layers_figure(0)
+    assert fig._suptitle.get_text().startswith("raw G: seed 0")
+
+    # the CLI: its printed lines and its table say which generator they show
+    capsys.readouterr()
+    table = ("--table", "--table_images", "2", "--table_queries", "4")
+    assert cli("--checkpoint", planted, *table) == (0, "")
+    out = capsys.readouterr().out
+    assert "EMA generator weights" in out and "weights of the EMA G" in out and "images by the EMA G" in out
+    assert "| G16 | 16x16 | +0.7500 |" in out
+    assert cli("--checkpoint", planted, "--raw_g", *table) == (0, "")
+    out = capsys.readouterr().out
+    assert "raw generator weights (EMA not requested)" in out and "images by the raw G" in out
+    assert "+0.7500" not in out
+
+
+def test_every_way_a_checkpoint_does_not_fit_is_one_line_naming_the_file(checkpoint, tmp_path):
+    good = torch.load(checkpoint, weights_only=True)
+
+    def damaged(change):
+        ckpt = torch.load(checkpoint, weights_only=True)
+        change(ckpt)
+        return ckpt
+
+    cases = {
+        "args_not_dict": (damaged(lambda c: c.update(model_args=[1, 2])), "its model_args has no 'G' (found list)"),
+        "g_args_list": (damaged(lambda c: c["model_args"].update(G=[32, 16])), "model_args['G'] is list, not a dict"),
+        "size_str": (damaged(lambda c: c["model_args"]["G"].update(image_size="32")), "['image_size'] is '32' (str), not an integer"),
+        "size_float": (damaged(lambda c: c["model_args"]["G"].update(image_size=32.0)), "['image_size'] is 32.0 (float)"),
+        "size_bool": (damaged(lambda c: c["model_args"]["G"].update(image_size=True)), "['image_size'] is True (bool)"),
+        "attn_float": (damaged(lambda c: c["model_args"]["G"].update(attn_res=[8.0])), "['attn_res'] is [8.0] (list), not an integer or a list"),
+        "unknown_arg": (damaged(lambda c: c["model_args"]["G"].update(depth=3)), "cannot rebuild G_ema"),
+        "bad_size": (damaged(lambda c: c["model_args"]["G"].update(image_size=48)), "power of two"),
+        "negative": (damaged(lambda c: c["model_args"]["G"].update(z_dim=-1)), "cannot rebuild G_ema"),
+        "weights_list": (damaged(lambda c: c.update(G_ema=[1, 2])), "'G_ema' is not a state dict"),
+        "weights_ints": (damaged(lambda c: c["G_ema"].update({"attn.8.gamma": 3})), "'G_ema' is not a state dict"),
+        "config_list": (damaged(lambda c: c.update(config=[1])), "'config' is not a dict"),
+        "step_str": (damaged(lambda c: c.update(step="4")), "'step' not an integer"),
+        "no_d_args": (damaged(lambda c: c["model_args"].pop("D")), "its model_args has no 'D' (found keys ['G'])"),
+    }
+    for name, (ckpt, expected) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(ckpt, path)
+        with pytest.raises(CheckpointError) as e:
+            load_models(str(path), with_d=True, verbose=False)
+        message = str(e.value)
+        assert str(path) in message and expected in message and "\n" not in message, (name, message)
+    assert load_models(checkpoint, with_d=True, verbose=False).step == good["step"]
+
+
 def test_committed_notebook_has_no_outputs_and_builds_no_model():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
@@ -146,7 +218,7 @@ def test_notebook_executes_headless(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="sagan-test",
-                   resources={"metadata": {"path": ROOT}}).execute()
+                   resources={"metadata": {"path": str(ROOT)}}).execute()
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

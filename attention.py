@@ -1,0 +1,408 @@
+"""Where does a pixel of a generated image look? SAGAN's self-attention as numbers: which layers a
+network has, pixel <-> feature-cell geometry, the attention rows of chosen queries and their
+statistics. No plotting here: `attention_viz.py` draws from it, the dashboard's attention panel and
+`experiments/` read their rows and query positions from it.
+
+Conventions every function here keeps:
+- A layer is named by network and feature-map resolution: 'G16' is the generator's attention on its
+  16x16 features, 'D8' the discriminator's on 8x8.
+- An H x W layer has N = H*W positions flattened row-major: index n = i*W + j is feature cell
+  (i, j), row i from the top, column j from the left. A row of attention is one query's weights over
+  the N keys (it sums to 1); a *map* is that row reshaped to (H, W).
+- Image coordinates are continuous, x to the right and y down, pixel (x, y) covering
+  [x, x+1) x [y, y+1); images are drawn with extent (0, width, height, 0). Feature cell (i, j) is
+  the block of pixels centred at ((j + 0.5) * sx, (i + 0.5) * sy), sx = width / W, sy = height / H.
+  Grid panels are drawn in cell units: cell (i, j) is centred at (j + 0.5, i + 0.5).
+
+Only the query rows that are asked for are computed: a full map of a 64x64 layer is N*N = 16.7 M
+floats per image. Full maps are made only where a statistic needs every row (key saliency), and
+then in chunks of rows.
+"""
+import math
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sagan_models import Generator
+from utils import denorm
+
+TOPK = 10
+LAYER_RE = re.compile(r"^([GgDd])(\d+)$")
+
+# Named query points of a centred face, as fractions of the image side (x to the right, y down;
+# "left" is the image's left): the eyes, centre and mouth of the built-in faces and of centre-cropped
+# aligned CelebA. The explorer's default query, the dashboard's panel and the ablation's eye
+# statistic all read them here (face_pixels).
+FACE_QUERIES = (("left eye", 0.38, 0.49), ("right eye", 0.62, 0.49),
+                ("centre", 0.50, 0.62), ("mouth", 0.50, 0.74))
+
+
+# ============================================================================ layers
+
+def attention_layers(net):
+    """{'G8': Self_Attn, 'G16': ...} for a Generator, {'D8': ..., 'D4': ...} for a Discriminator,
+    in the order the network applies them."""
+    prefix = "G" if isinstance(net, Generator) else "D"
+    return {f"{prefix}{r}": net.attn[str(r)] for r in net.attn_res}
+
+
+def parse_layer(name):
+    """'G16' -> ('G', 16); a clear ValueError for anything else."""
+    m = LAYER_RE.match(str(name).strip())
+    if not m:
+        raise ValueError(f"layer {name!r} is not a layer name: write the network and resolution, "
+                         f"e.g. G16 or D8")
+    return m.group(1).upper(), int(m.group(2))
+
+
+def check_layer(name, available):
+    net, res = parse_layer(name)
+    canon = f"{net}{res}"
+    if canon not in available:
+        raise ValueError(f"layer {name} is not in this checkpoint: its attention layers are "
+                         f"{', '.join(available) or 'none'}")
+    return canon
+
+
+def gamma(layer):
+    """The learned residual weight: out = gamma * attention_output + x. Zero at initialisation."""
+    return float(layer.gamma.detach())
+
+
+def map_hw(name):
+    """(H, W) of a layer's feature map: square, its resolution ('G16' -> (16, 16))."""
+    return (parse_layer(name)[1],) * 2
+
+
+# ============================================================================ geometry
+
+def index_to_cell(n, W):
+    """Flattened row-major index -> (row i, column j)."""
+    return int(n) // W, int(n) % W
+
+
+def cell_to_index(i, j, W):
+    return int(i) * W + int(j)
+
+
+def cell_to_pixel(i, j, map_hw, img_hw):
+    """Centre (x, y), in continuous image coordinates, of the pixel block of feature cell (i, j)."""
+    (H, W), (h, w) = map_hw, img_hw
+    return (j + 0.5) * w / W, (i + 0.5) * h / H
+
+
+def pixel_to_cell(x, y, map_hw, img_hw):
+    """The feature cell whose pixel block holds image point (x, y); pixel (x, y) means its centre."""
+    (H, W), (h, w) = map_hw, img_hw
+    check_pixel(x, y, img_hw)
+    return min(int((y + 0.5) * H / h), H - 1), min(int((x + 0.5) * W / w), W - 1)
+
+
+def face_pixels(imsize):
+    """{name: (x, y)}: the image pixel holding each FACE_QUERIES point of an imsize x imsize image."""
+    return {name: (int(fx * imsize), int(fy * imsize)) for name, fx, fy in FACE_QUERIES}
+
+
+def pixel_queries(net, pixels):
+    """{layer name: LongTensor (Q,)}: for every attention layer of `net`, the flattened index of the
+    cell holding each image pixel (x, y) of `pixels`; what run_net takes as `queries`."""
+    img_hw = (net.image_size, net.image_size)
+    out = {}
+    for name in attention_layers(net):
+        hw = map_hw(name)
+        out[name] = torch.tensor([cell_to_index(*pixel_to_cell(x, y, hw, img_hw), hw[1]) for x, y in pixels])
+    return out
+
+
+def check_pixel(x, y, img_hw):
+    h, w = img_hw
+    if not (0 <= x < w and 0 <= y < h):
+        raise ValueError(f"query pixel (x={x}, y={y}) is outside the {w}x{h} image: "
+                         f"x must be in 0..{w - 1}, y in 0..{h - 1}")
+
+
+def check_cell(i, j, map_hw, layer=""):
+    H, W = map_hw
+    if not (0 <= i < H and 0 <= j < W):
+        raise ValueError(f"query cell (row {i}, col {j}) is outside the {H}x{W} map{' of ' + layer if layer else ''}: "
+                         f"row must be in 0..{H - 1}, col in 0..{W - 1}")
+
+
+def resolve_query(map_hw, img_hw, pixel=None, cell=None, layer=""):
+    """A query given either as an image pixel (x, y) or as a feature cell (row, col) -> cell."""
+    if (pixel is None) == (cell is None):
+        raise ValueError("give the query either as an image pixel (x, y) or as a feature cell (row, col)")
+    if pixel is not None:
+        return pixel_to_cell(pixel[0], pixel[1], map_hw, img_hw)
+    check_cell(cell[0], cell[1], map_hw, layer)
+    return int(cell[0]), int(cell[1])
+
+
+def key_pixels(map_hw, img_hw):
+    """(N, 2) centres (x, y) of every key cell, row-major."""
+    H, W = map_hw
+    ii, jj = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    x, y = cell_to_pixel(ii.flatten().double(), jj.flatten().double(), map_hw, img_hw)
+    return torch.stack([x, y], dim=1)
+
+
+def upsample_map(attn_map, img_hw, mode="nearest"):
+    """(H, W) map -> (h, w) over the image. 'nearest' gives each cell's weight to its whole pixel
+    block (what the layer actually resolves); 'bilinear' (align_corners=False) keeps every cell's value
+    at its block centre and is smoother than the layer's resolution."""
+    if mode not in ("nearest", "bilinear"):
+        raise ValueError(f"upsample mode {mode!r}: use 'nearest' or 'bilinear'")
+    t = torch.as_tensor(np.asarray(attn_map, dtype=np.float32))[None, None]  # (1, 1, H, W)
+    kw = {} if mode == "nearest" else dict(align_corners=False)
+    return F.interpolate(t, size=tuple(img_hw), mode=mode, **kw)[0, 0].numpy()
+
+
+def topk_cells(attn_map, k=TOPK):
+    """The k most attended cells of an (H, W) map: [(i, j, weight)], heaviest first."""
+    a = np.asarray(attn_map)
+    W = a.shape[1]
+    flat = a.ravel()
+    order = np.argsort(-flat, kind="stable")[:k]
+    return [(*index_to_cell(n, W), float(flat[n])) for n in order]
+
+
+# ============================================================================ extraction
+
+def z_for_seeds(seeds, z_dim):
+    """One z per seed, each a pure function of its seed (not of the batch it is in): (B, z_dim)."""
+    return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds])
+
+
+@torch.no_grad()
+def run_net(net, x, queries=None):
+    """Run G (x = z) or D (x = images in [-1, 1]) once, capturing each attention layer's input.
+
+    queries: {layer name: LongTensor (Q,) of flattened query indices}; those rows come from the
+    network's own return_attn/queries interface. Layers not named there give no map (the fused path,
+    no N x N matrix). Returns (output, features {name: (B, C, H, W)}, rows {name: (B, Q, N)}).
+    """
+    layers = attention_layers(net)
+    feats, hooks = {}, []
+    for name, layer in layers.items():
+        hooks.append(layer.register_forward_pre_hook(
+            lambda m, args, name=name: feats.__setitem__(name, args[0].detach())))
+    queries = queries or {}
+    res_q = {parse_layer(n)[1]: q.long() for n, q in queries.items()}
+    try:
+        if res_q:
+            out, maps = net(x, return_attn=True, queries=res_q)
+        else:
+            out, maps = net(x), {}
+    finally:
+        for h in hooks:
+            h.remove()
+    prefix = "G" if isinstance(net, Generator) else "D"
+    rows = {f"{prefix}{r}": maps[r] for r in res_q}
+    return out, feats, rows
+
+
+@torch.no_grad()
+def attention_rows(layer, features, queries=None, chunk=None):
+    """Rows of `layer`'s attention on captured input `features` (B, C, H, W), by the layer's own
+    forward: (B, Q, N) for flattened query indices `queries` (Q,), all N rows when None. `chunk`
+    bounds the rows computed at once."""
+    N = features.shape[2] * features.shape[3]
+    idx = torch.arange(N) if queries is None else torch.as_tensor(queries).long()
+    chunk = chunk or len(idx)
+    parts = [layer(features, return_attn=True, queries=idx[s:s + chunk])[1]
+             for s in range(0, len(idx), chunk)]
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def key_saliency(layer, features, chunk=1024):
+    """Attention each key receives, summed over all N queries: (B, H, W). Rows sum to 1, so the
+    saliency sums to N and a key receiving exactly its uniform share scores 1."""
+    B, _, H, W = features.shape
+    N = H * W
+    total = torch.zeros(B, N, dtype=torch.float64, device=features.device)
+    for s in range(0, N, chunk):
+        idx = torch.arange(s, min(s + chunk, N))
+        total += layer(features, return_attn=True, queries=idx)[1].double().sum(dim=1)
+    return total.reshape(B, H, W).float()  # (B, H, W)
+
+
+@torch.no_grad()
+def attention_share(layer, features):
+    """||gamma * attention_output|| / ||x|| per image: how much the layer changes its input. gamma
+    alone can mislead, since its effect scales with the attention output's size."""
+    out, _ = layer(features, return_attn=False)
+    delta = (out - features).flatten(1).norm(dim=1)
+    return (delta / features.flatten(1).norm(dim=1).clamp_min(1e-12)).cpu()  # (B,)
+
+
+def load_image(path, imsize, crop=160):
+    """A real image for D, prepared as in training: centre crop, resize, (3, imsize, imsize) in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    from data_loader import center_crop_resize
+    from utils import to_tensor
+    try:
+        with Image.open(path) as img:
+            return to_tensor(center_crop_resize(img.convert("RGB"), imsize, crop))
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"image {path!r} cannot be read ({e}); pass a JPEG or PNG file") from None
+
+
+def to_image(x):
+    """(3, h, w) in [-1, 1] -> (h, w, 3) float numpy in [0, 1]."""
+    return denorm(x.detach().float().cpu().clone()).permute(1, 2, 0).numpy()
+
+
+def feature_image(features, channel=None):
+    """(C, H, W) -> (H, W): the mean over channels, or one channel."""
+    if channel is None:
+        return features.mean(0).cpu().numpy()
+    if not 0 <= channel < features.shape[0]:
+        raise ValueError(f"channel {channel} does not exist: this layer has {features.shape[0]} "
+                         f"channels (0..{features.shape[0] - 1})")
+    return features[channel].cpu().numpy()
+
+
+# ============================================================================ statistics
+
+def topk_mass(rows, k=TOPK):
+    """Share of each row's attention on its k heaviest keys; a uniform row gives k/N."""
+    return rows.topk(min(k, rows.shape[-1]), dim=-1).values.sum(-1)
+
+
+def entropy_norm(rows):
+    """H / log N per row: 1 for uniform attention, 0 for attention on a single key."""
+    N = rows.shape[-1]
+    return -torch.special.xlogy(rows.double(), rows.double()).sum(-1).float() / math.log(N)
+
+
+def mean_distance(rows, queries, map_hw, img_hw):
+    """Expected image distance in pixels from each query's cell centre to the keys it attends to:
+    (..., Q). `queries` are the flattened query indices of the rows' Q axis."""
+    keys = key_pixels(map_hw, img_hw)                  # (N, 2)
+    q = keys[torch.as_tensor(queries).long()]           # (Q, 2)
+    dist = torch.cdist(q, keys)                        # (Q, N)
+    return (rows.double() * dist.to(rows.device)).sum(-1).float()
+
+
+def uniform_distance(queries, map_hw, img_hw):
+    """mean_distance for uniform attention: the baseline 'long-range' is compared with."""
+    keys = key_pixels(map_hw, img_hw)
+    return torch.cdist(keys[torch.as_tensor(queries).long()], keys).mean(-1).float()
+
+
+def query_independence(rows):
+    """How alike the maps of different queries are, per image: 1 - mean Jensen-Shannon divergence
+    (in bits, so in [0, 1]) over all pairs of distinct query rows of (B, Q, N).
+
+    1: every query has the same map (non-local attention often collapses to one map for all
+    queries; near-uniform maps score near 1 too, which the entropy tells apart); 0: pairwise
+    disjoint maps. Needs Q >= 2.
+    """
+    B, Q, N = rows.shape
+    if Q < 2:
+        raise ValueError("query independence needs at least 2 query rows")
+    p = rows.double()
+    plogp = torch.special.xlogy(p, p).sum(-1)            # (B, Q)
+    total, pairs = torch.zeros(B, dtype=torch.float64, device=rows.device), 0
+    for a in range(Q - 1):
+        m = (p[:, a:a + 1] + p[:, a + 1:]) / 2           # (B, Q-a-1, N)
+        mlogm = torch.special.xlogy(m, m).sum(-1)
+        js = 0.5 * (plogp[:, a:a + 1] + plogp[:, a + 1:]) - mlogm
+        total += js.sum(-1)
+        pairs += Q - a - 1
+    return (1 - total / pairs / math.log(2)).float().cpu()  # (B,)
+
+
+def map_stats(row, query, map_hw, img_hw, layer=None, k=TOPK):
+    """Numbers for one attention row (N,) of query index `query`: dict for a figure's caption."""
+    row = torch.as_tensor(row).reshape(1, -1)
+    N = row.shape[1]
+    return dict(gamma=gamma(layer) if layer is not None else None,
+                top_mass=float(topk_mass(row, k)[0]), uniform=min(k, N) / N, k=k,
+                entropy=float(entropy_norm(row)[0]),
+                dist=float(mean_distance(row, [query], map_hw, img_hw)[0]),
+                dist_uniform=float(uniform_distance([query], map_hw, img_hw)[0]))
+
+
+def stats_text(s):
+    g = "" if s.get("gamma") is None else f"gamma {s['gamma']:+.3f}  "
+    return (f"{g}top-{s['k']} {s['top_mass']:.1%} (uniform {s['uniform']:.1%})\n"
+            f"H/logN {s['entropy']:.2f}  dist {s['dist']:.1f}px (uniform {s['dist_uniform']:.1f})")
+
+
+# rules of thumb for the table's verdict; the numbers beside it are what counts
+INERT_SHARE = 0.01        # attention changes its layer's input by under 1%
+NEAR_UNIFORM_H = 0.97     # entropy this close to uniform: the layer averages everything
+SHARED_MAP_QI = 0.9       # different queries' maps nearly identical
+LOCAL_DIST = 0.6          # attends closer than 60% of the uniform-attention distance
+
+
+def verdict(r):
+    if r["share"] < INERT_SHARE:
+        return "inert"
+    if r["entropy"] > NEAR_UNIFORM_H:
+        return "near-uniform"
+    if r["qi"] > SHARED_MAP_QI:
+        return "one map for all queries"
+    return "local" if r["dist"] < LOCAL_DIST * r["dist_uniform"] else "long-range"
+
+
+def layer_statistics(G, seeds, n_queries=64, k=TOPK, D=None, query_seed=0, batch=16):
+    """Per-layer statistics over the images of `seeds` and a random subset of n_queries query cells
+    per layer (all cells when the layer has fewer). D, when given, sees the generated images.
+
+    Returns one dict per layer: name, hw, N, gamma, share (attention_share), top_mass, uniform,
+    entropy, dist, dist_uniform, qi, verdict; means over images x queries.
+    """
+    img_hw = (G.image_size, G.image_size)
+    acc = {}
+    for s in range(0, len(seeds), batch):
+        z = z_for_seeds(seeds[s:s + batch], G.z_dim).to(next(G.parameters()).device)
+        img, feats, _ = run_net(G, z)
+        nets = [(G, feats)]
+        if D is not None:
+            nets.append((D, run_net(D, img)[1]))
+        for net, fts in nets:
+            for name, layer in attention_layers(net).items():
+                f = fts[name]
+                H, W = f.shape[2:]
+                N = H * W
+                g = torch.Generator().manual_seed(query_seed * 1009 + N)
+                q = torch.randperm(N, generator=g)[:n_queries] if n_queries < N else torch.arange(N)
+                rows = attention_rows(layer, f, q).cpu()   # (B, Q, N)
+                a = acc.setdefault(name, dict(name=name, hw=(H, W), N=N, gamma=gamma(layer),
+                                              share=[], top_mass=[], entropy=[], dist=[], qi=[],
+                                              dist_uniform=float(uniform_distance(q, (H, W), img_hw).mean())))
+                a["share"].append(attention_share(layer, f))
+                a["top_mass"].append(topk_mass(rows, k).flatten())
+                a["entropy"].append(entropy_norm(rows).flatten())
+                a["dist"].append(mean_distance(rows, q, (H, W), img_hw).flatten())
+                a["qi"].append(query_independence(rows))
+    table = []
+    for a in acc.values():
+        row = dict(a, uniform=min(k, a["N"]) / a["N"], k=k,
+                   **{key: float(torch.cat(a[key]).mean()) for key in ("share", "top_mass", "entropy", "dist", "qi")})
+        row["verdict"] = verdict(row)
+        table.append(row)
+    return table
+
+
+def format_table(table, n_images=None, n_queries=None, generator=None):
+    """Markdown table of layer_statistics; `generator` names the G that made the images (e.g. 'EMA G')."""
+    k = table[0]["k"] if table else TOPK
+    head = ("| layer | map | gamma | attn share | top-%d mass (uniform) | H/logN | mean dist px (uniform) "
+            "| query indep. | verdict |\n|---|---|---|---|---|---|---|---|---|\n" % k)
+    lines = [f"| {r['name']} | {r['hw'][0]}x{r['hw'][1]} | {r['gamma']:+.4f} | {r['share']:.2%} | "
+             f"{r['top_mass']:.1%} ({r['uniform']:.1%}) | {r['entropy']:.3f} | "
+             f"{r['dist']:.1f} ({r['dist_uniform']:.1f}) | {r['qi']:.3f} | {r['verdict']} |"
+             for r in table]
+    note = ""
+    if n_images:
+        by = f", images by the {generator}" if generator else ""
+        note = f"\n\n{n_images} generated images x {n_queries or 'all'} query cells per layer{by}."
+    return head + "\n".join(lines) + note
