@@ -226,11 +226,6 @@ def evaluate(args):
 
 
 def main(argv=None):
-    """`python evaluate.py`: a bad input ends as one line `evaluate.py: error: ...`."""
-    return run("evaluate.py", report, argv)
-
-
-def report(argv=None):
     """Evaluate, print the scores in one line and write them to --json."""
     args = build_parser().parse_args(argv)
     try:
@@ -246,4 +241,4 @@ def report(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run("evaluate.py", main)

@@ -231,11 +231,6 @@ def make_dashboard(config, trainer):
 
 
 def main(argv=None):
-    """`python main.py`: train, and end a bad input with one line `main.py: error: ...`."""
-    return run("main.py", train, argv)
-
-
-def train(argv=None):
     """Check every input, hold the run folder (one run per folder), build, train."""
     config = parse_args(argv)
     try:
@@ -294,4 +289,4 @@ def fit(config, info, device, say, args):
 
 
 if __name__ == "__main__":
-    main()
+    run("main.py", main)

@@ -224,11 +224,6 @@ def port_number(text):
 
 
 def main(argv=None):
-    """`python visdom_server.py`: a bad input ends as one line `visdom_server.py: error: ...`."""
-    return run("visdom_server.py", serve_command, argv)
-
-
-def serve_command(argv=None):
     """Install the front end (--install_static), or serve the dashboard until interrupted."""
     p = Parser(prog="visdom_server.py", description="Offline visdom dashboard server.")
     p.add_argument("--install_static", action="store_true",
@@ -263,4 +258,4 @@ def serve_command(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run("visdom_server.py", main)

@@ -119,11 +119,6 @@ def make_figure(ex, args, d_image):
 
 
 def main(argv=None):
-    """`python visualize_attn.py`: a bad input ends as one line `visualize_attn.py: error: ...`."""
-    return run("visualize_attn.py", explore, argv)
-
-
-def explore(argv=None):
     """The figure and/or the table the arguments ask for, from one checkpoint."""
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -154,4 +149,4 @@ def explore(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run("visualize_attn.py", main)

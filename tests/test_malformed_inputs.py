@@ -20,10 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoint import CheckpointError, load_checkpoint, load_generator
+from checkpoint import CheckpointError, load_generator
+from conftest import ROOT, SMOKE, one_thread_env
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+ENV = one_thread_env(PYTHONUNBUFFERED="1")
 COMMANDS = ("main.py", "visualize_attn.py", "evaluate.py")
 # damage that only the commands reading that part must refuse: evaluate.py never rebuilds D, only a
 # resumed run restores the RNG states, and resuming compares the architecture flags it knows
@@ -37,7 +37,7 @@ READ_BY = {"D_wrong_shapes": ("main.py", "visualize_attn.py"), "rng_empty": ("ma
 def real(tmp_path_factory):
     """A real checkpoint of `main.py --preset smoke`, and a folder of real images for evaluate.py."""
     tmp = tmp_path_factory.mktemp("real")
-    subprocess.run([sys.executable, "main.py", "--preset", "smoke", "--model_save_path", str(tmp / "models"),
+    subprocess.run([sys.executable, "main.py", *SMOKE, "--model_save_path", str(tmp / "models"),
                     "--sample_path", str(tmp / "samples")], cwd=ROOT, env=ENV, check=True,
                    capture_output=True, timeout=300)
     return tmp / "models" / "smoke" / "latest.pt", image_folder(tmp / "images", 4)
@@ -196,7 +196,7 @@ def command_line(command, path, images, folder):
         latest = folder / "models" / "smoke" / "latest.pt"
         latest.parent.mkdir(parents=True)
         shutil.copy(path, latest)
-        return ["--preset", "smoke", "--model_save_path", folder / "models", "--sample_path",
+        return [*SMOKE, "--model_save_path", folder / "models", "--sample_path",
                 folder / "samples", "--resume"], latest
     if command == "visualize_attn.py":
         return ["--checkpoint", path, "--out", folder / "attn.png", "--with_d"], path
@@ -275,7 +275,7 @@ def test_bad_image_folders_are_one_line_errors_before_training(forked, tmp_path)
     a_file = tmp_path / "celeba.zip"
     a_file.write_bytes(b"PK")
     few = image_folder(tmp_path / "few", 3)
-    common = ["--preset", "smoke", "--dataset", "celeb", "--cache", "off", "--batch_size", "4",
+    common = [*SMOKE, "--dataset", "celeb", "--cache", "off", "--batch_size", "4",
               "--model_save_path", tmp_path / "models", "--sample_path", tmp_path / "samples"]
     runs = {"file": ("main.py", [*common, "--image_path", a_file]),
             "few": ("main.py", [*common, "--image_path", few])}

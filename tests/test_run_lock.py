@@ -7,16 +7,15 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from checkpoint import RunLock, list_checkpoints, load_checkpoint
+from conftest import ROOT, SMOKE, one_thread_env
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+ENV = one_thread_env(PYTHONUNBUFFERED="1")
 
 
 def smoke(tmp_path, *args):
-    return [sys.executable, "main.py", "--preset", "smoke", "--model_save_path", str(tmp_path / "models"),
+    return [sys.executable, "main.py", *SMOKE, "--model_save_path", str(tmp_path / "models"),
             "--sample_path", str(tmp_path / "samples"), *args]
 
 
