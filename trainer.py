@@ -24,6 +24,7 @@ from torchvision.utils import save_image
 
 from checkpoint import (CheckpointError, atomic_write_text, ckpt_name, load_checkpoint, remove_stale_temps,
                         restore, save_checkpoint, saved_steps)
+from cli import reason
 from data_loader import training_batches
 from distributed import DistInfo, max_over_ranks, mean_over_ranks, sync_batchnorm, wrap
 from ema import EMA
@@ -209,7 +210,7 @@ class Trainer:
             free = shutil.disk_usage(self.run_dir).free / 2**20  # torch's error hides the errno
             raise CheckpointError(
                 f"could not write the step-{self.step} checkpoint in {self.run_dir!r} "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}; {free:.0f} MiB free there); "
+                f"({reason(e, 160)}; {free:.0f} MiB free there); "
                 f"{kept}. Free disk space (or use --keep_last) and continue with --resume") from None
         self.last_saved = (self.step, path)
         return path
