@@ -277,7 +277,7 @@ def plot_intervention(image, changed, cell, map_hw, title=None):
         draw_query(ax, cell_to_pixel(*cell, map_hw, img_hw))
     axes["image"].set_title(f"image, query cell ({cell[0]}, {cell[1]})", fontsize=9)
     axes["changed"].set_title("with the intervention", fontsize=9)
-    axes["diff"].set_title(f"|change|: mean {diff.mean():.4f}, max {diff.max():.3f}", fontsize=9)
+    axes["diff"].set_title(f"|change|: mean {diff.mean():.2g}, max {diff.max():.2g}", fontsize=9)
     return _finish(fig, axes, title)
 
 
