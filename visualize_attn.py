@@ -10,8 +10,9 @@ checkpoint, headless (PNG out, no display needed).
 Views: query (the seed README's figure for one layer), layers (every layer side by side), queries
 (several colour-coded queries, the SAGAN paper's Figure 1), grid (one query across many images),
 saliency (attention each key receives), contribution (the weights next to what each key adds to
-the query's output), intervene (what changes in the image when one query's attention is replaced). A query is an image pixel --pixel X,Y (x right, y down,
-from 0) or a feature cell of --layer, --cell ROW,COL. The generator shown is the EMA one when the
+the query's output), intervene (what changes in the image when one query's attention is replaced).
+A query is an image pixel --pixel X,Y (x right, y down, from 0) or a feature cell of --layer,
+--cell ROW,COL. The generator shown is the EMA one when the
 checkpoint has it (as in the run's samples), the raw G with --raw_g; every output says which.
 """
 import argparse
