@@ -243,7 +243,8 @@ def load_image(path, imsize, crop=160):
     """A real image for D, prepared as in training: centre crop, resize, (3, imsize, imsize) in [-1, 1]."""
     from PIL import Image, UnidentifiedImageError
 
-    from data_loader import center_crop_resize, to_tensor
+    from data_loader import center_crop_resize
+    from utils import to_tensor
     try:
         with Image.open(path) as img:
             return to_tensor(center_crop_resize(img.convert("RGB"), imsize, crop))

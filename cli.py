@@ -16,7 +16,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors instead of a usage dump."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
+        command = f"python {self.prog}" if self.prog.endswith(".py") else f"python -m {self.prog}"
+        self.exit(2, f"{self.prog}: error: {message} (see {command} --help)\n")
 
 
 def run(prog, main, *args, **kwargs):

@@ -19,6 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from image_cache import cached
+from utils import to_tensor
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CELEBA_HINT = ("get CelebA's img_align_celeba.zip (Align&Cropped Images) from "
                "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html and unzip it into dataset/celebA, "
@@ -33,12 +36,6 @@ def find_images(root):
         paths += [os.path.join(folder, f) for f in sorted(files)
                   if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
     return paths
-
-
-def to_tensor(img):
-    """uint8 (H, W, 3) array or PIL image -> float (3, H, W) in [-1, 1]."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 def center_crop_resize(img, imsize, crop):
@@ -120,6 +117,31 @@ class ImageFolderFlat(Dataset):
     def __getitem__(self, i):
         return self.checked_item(i)[0]
 
+    def pixel_batches(self, num_workers=0, batch_size=64):
+        """Every image in order: (uint8 (b, imsize, imsize, 3) batch, the unreadable files met so
+        far), what the image cache is built from. An unreadable file is replaced by the next readable
+        one, as training without the cache reads it, and named once in a warning."""
+        loader = DataLoader(_Pixels(self), batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=_collate)
+        unreadable = Unreadable()
+        for batch, skipped in loader:
+            unreadable.met(skipped)
+            yield batch, unreadable.seen
+
+
+class _Pixels(Dataset):
+    """A folder's images as (uint8 (H, W, 3) tensor, skipped files), for building its cache."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        pixels, skipped = self.folder.checked_pixels(i)
+        return torch.from_numpy(np.array(pixels)), skipped  # a writable copy for torch
+
 
 # ----------------------------------------------------------------------------- built-in faces
 
@@ -185,8 +207,7 @@ class ImageFolders(ConcatDataset):
 
     def checked_item(self, i):
         k = bisect.bisect_right(self.cumulative_sizes, i)
-        d, j = self.datasets[k], i - (self.cumulative_sizes[k - 1] if k else 0)
-        return d.checked_item(j) if hasattr(d, "checked_item") else (d[j], [])
+        return checked_item(self.datasets[k], i - (self.cumulative_sizes[k - 1] if k else 0))
 
 
 def folder_crops(config):
@@ -222,8 +243,7 @@ def image_folder(path, crop, config):
     folder = ImageFolderFlat(path, config.imsize, crop)
     if config.cache == "off":
         return folder
-    from image_cache import cached  # decoded once into a memory-mapped file (image_cache.py)
-    try:
+    try:  # decoded once into a memory-mapped file (image_cache.py)
         return cached(folder, config.cache_dir, config.num_workers)
     except OSError as e:  # no space, or --cache_dir not writable: training still works, slower
         print(f"image cache not used ({e}); decoding the images every step instead")
@@ -264,6 +284,11 @@ class StepBatchSampler:
             epoch, b = epoch + 1, 0
 
 
+def checked_item(dataset, i):
+    """(item i, [(path, reason) of files skipped to find it]); only image folders skip files."""
+    return dataset.checked_item(i) if hasattr(dataset, "checked_item") else (dataset[i], [])
+
+
 class _WithSkipped(Dataset):
     """Items as (image, skipped files): the names of bad files travel with the batch, so the main
     process learns them whichever worker process decoded them."""
@@ -275,14 +300,35 @@ class _WithSkipped(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        if hasattr(self.dataset, "checked_item"):
-            return self.dataset.checked_item(i)
-        return self.dataset[i], []
+        return checked_item(self.dataset, i)
+
+    def __getitems__(self, indices):
+        # the image cache reads a whole batch at once; the DataLoader only asks the outer dataset
+        if hasattr(self.dataset, "__getitems__"):
+            return [(image, []) for image in self.dataset.__getitems__(indices)]
+        return [self[i] for i in indices]
 
 
 def _collate(items):
+    """[(tensor, skipped files)] -> (stacked tensors, all skipped files)."""
     images, skipped = zip(*items)
     return torch.stack(images), [s for sk in skipped for s in sk]
+
+
+class Unreadable:
+    """The unreadable files met so far; each is named in a warning the first time it is met."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def met(self, skipped):
+        """Note a batch's skipped files [(path, reason)]; returns their paths."""
+        for path, reason in skipped:
+            if path not in self.seen:
+                self.seen.add(path)
+                warnings.warn(f"unreadable image {path!r} ({reason}); replaced by the next "
+                              f"readable file, training goes on")
+        return {path for path, _ in skipped}
 
 
 def _ignore_stop_signals(worker_id):
@@ -305,17 +351,12 @@ def training_batches(dataset, config, start_step=0, rank=0, world_size=1):
                         persistent_workers=config.num_workers > 0,
                         generator=torch.Generator().manual_seed(config.seed),
                         worker_init_fn=_ignore_stop_signals if config.num_workers > 0 else None)
-    warned, epoch_bad = set(), set()
+    unreadable, epoch_bad = Unreadable(), set()
     for step, (images, skipped) in enumerate(loader, start=start_step + 1):
-        for path, reason in skipped:
-            epoch_bad.add(path)
-            if path not in warned:
-                warned.add(path)
-                warnings.warn(f"unreadable image {path!r} ({reason}); replaced by the next "
-                              f"readable file, training goes on", stacklevel=1)
+        epoch_bad |= unreadable.met(skipped)
         if step % sampler.steps_per_epoch == 0 and epoch_bad:
             print(f"epoch {step // sampler.steps_per_epoch}: {len(epoch_bad)} unreadable image "
-                  f"file(s) replaced ({len(warned)} in this run so far); remove or fix them",
+                  f"file(s) replaced ({len(unreadable.seen)} in this run so far); remove or fix them",
                   flush=True)
             epoch_bad = set()
         yield images

@@ -4,6 +4,11 @@ Averaging G's weights over the last few thousand updates gives visibly smoother,
 samples than the latest G (Karras et al. 2018; Brock et al. 2019; Yazici et al. 2019). The EMA copy is
 never trained: after every G update its parameters move a fraction (1 - decay) towards G's, and its
 buffers (BatchNorm running statistics, spectral-norm power-iteration vectors) are copied from G.
+
+Not torch.optim.swa_utils.AveragedModel: get_ema_multi_avg_fn's decay is fixed (no warm-up below),
+use_buffers=True would average the buffers this copies, and its update counter `n_averaged` would be a
+second copy of the step kept outside the plain Generator state dict that checkpoints store as `G_ema`
+(and read on the host at every update: one GPU sync per step).
 """
 import torch
 

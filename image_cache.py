@@ -12,22 +12,22 @@ so adding, removing or editing an image, or changing --imsize / --center_crop, m
 Building writes `<name>.partial.<pid>` with a progress bar and renames it into place at the end:
 an interrupted build leaves no cache that looks complete.
 
-    python image_cache.py dataset/celebA --imsize 64     # build now and time the loader both ways
+`folder` here is a data_loader.ImageFolderFlat (its root, imsize, crop, paths and pixel_batches);
+this module reads images only through it. To time the loader with and without the cache:
+
+    python -m tools.cache_speed dataset/celebA --imsize 64
 """
-import argparse
 import glob
 import hashlib
 import os
 import shutil
 import sys
 import time
-import warnings
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from data_loader import ImageFolderFlat, to_tensor
+from utils import to_tensor
 
 CACHE_VERSION = 1  # bump when the pixels a given (image, imsize, crop) produces change
 
@@ -52,26 +52,6 @@ def cache_path(folder, cache_dir):
     return os.path.join(cache_dir, f"{prefix}_{_digest(CACHE_VERSION, files)}.npy")
 
 
-class _Pixels(Dataset):
-    """The folder's images as uint8 (H, W, 3) arrays, for building the cache with loader workers."""
-
-    def __init__(self, folder):
-        self.folder = folder
-
-    def __len__(self):
-        return len(self.folder)
-
-    def __getitem__(self, i):
-        # an unreadable file is stored as the next readable one, as training without the cache does
-        pixels, skipped = self.folder.checked_pixels(i)
-        return torch.from_numpy(np.array(pixels)), skipped  # a writable copy for torch
-
-
-def _collate(items):
-    pixels, skipped = zip(*items)
-    return torch.stack(pixels), [s for sk in skipped for s in sk]
-
-
 def build_cache(folder, path, num_workers=0, progress=True):
     """Decode every image of `folder` once into a uint8 (n, imsize, imsize, 3) .npy at `path`."""
     from tqdm import tqdm
@@ -86,24 +66,19 @@ def build_cache(folder, path, num_workers=0, progress=True):
     partial = f"{path}.partial.{os.getpid()}"
     try:
         arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
-        loader = DataLoader(_Pixels(folder), batch_size=64, num_workers=num_workers, collate_fn=_collate)
-        i, bad = 0, set()
+        i, unreadable = 0, set()
         with tqdm(total=n, desc=f"caching {n} images at {s}px", unit="img", disable=not progress,
                   file=sys.stdout, mininterval=1.0) as bar:
-            for batch, skipped in loader:  # (b, s, s, 3) uint8
-                for p, reason in skipped:
-                    if p not in bad:
-                        bad.add(p)
-                        warnings.warn(f"unreadable image {p!r} ({reason}); replaced by the next "
-                                      f"readable file in the cache, training goes on", stacklevel=1)
+            for batch, unreadable in folder.pixel_batches(num_workers):  # (b, s, s, 3) uint8
                 arr[i:i + len(batch)] = batch.numpy()
                 i += len(batch)
                 bar.update(len(batch))
         arr.flush()
         del arr
         os.replace(partial, path)
-        if bad:
-            print(f"image cache: {len(bad)} unreadable image file(s) replaced; remove or fix them", flush=True)
+        if unreadable:
+            print(f"image cache: {len(unreadable)} unreadable image file(s) replaced; remove or fix them",
+                  flush=True)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
@@ -139,8 +114,7 @@ class CachedImages(Dataset):
         return to_tensor(self.arr[i])
 
     def __getitems__(self, indices):
-        batch = torch.from_numpy(self.arr[np.asarray(indices)]).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-        return list(batch.float().div_(127.5).sub_(1.0))
+        return list(to_tensor(self.arr[np.asarray(indices)]))  # (B, H, W, 3) uint8 -> B x (3, H, W)
 
     def __getstate__(self):
         return {**self.__dict__, "_arr": None}
@@ -155,39 +129,3 @@ def cached(folder, cache_dir, num_workers=0, progress=True):
         build_cache(folder, path, num_workers, progress)
         print(f"image cache built in {time.time() - t:.0f} s: {path}")
     return CachedImages(path, folder)
-
-
-def loader_speed(dataset, batch_size, num_workers, batches):
-    """Images per second through a shuffling DataLoader (after one warm-up batch)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                        drop_last=True, persistent_workers=False)
-    it = iter(loader)
-    next(it)
-    t = time.perf_counter()
-    n = 0
-    for _ in range(batches):
-        n += len(next(it))
-    return n / (time.perf_counter() - t)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Build an image folder's cache and time the loader from "
-                                            "the images and from the cache.")
-    p.add_argument("image_path")
-    p.add_argument("--imsize", type=int, default=64)
-    p.add_argument("--center_crop", type=int, default=160)
-    p.add_argument("--cache_dir", default=".cache/images")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--batches", type=int, default=10, help="batches timed per loader")
-    a = p.parse_args(argv)
-    folder = ImageFolderFlat(a.image_path, a.imsize, a.center_crop)
-    data = cached(folder, a.cache_dir, a.num_workers)
-    jpeg = loader_speed(folder, a.batch_size, a.num_workers, a.batches)
-    cache = loader_speed(data, a.batch_size, a.num_workers, a.batches)
-    print(f"loader, {a.num_workers} workers, batch {a.batch_size}, {a.imsize}px: "
-          f"images {jpeg:.0f} img/s, cache {cache:.0f} img/s ({cache / jpeg:.0f}x)")
-
-
-if __name__ == "__main__":
-    main()

@@ -6,17 +6,17 @@
 """
 import argparse
 import os
+import shlex
 import sys
 
 import torch
 
 from checkpoint import CheckpointError
 from data_loader import folder_crops, make_dataset
-from safety import Diverged, Interrupted, resume_command
 from distributed import cleanup_distributed, setup_distributed
 from sagan_models import check_attn, check_imsize, default_attn
-from speed import check_precision
-from trainer import Trainer
+from stopping import Diverged, Interrupted
+from trainer import Trainer, check_precision
 from utils import pick_device
 
 PRESETS = {
@@ -83,7 +83,7 @@ def build_parser():
     a("--sync_bn", action="store_true",
       help="under torchrun, BatchNorm statistics of G over the global batch (SyncBatchNorm)")
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    # speed (speed.py); none of these changes the algorithm except --reuse_fake
+    # speed (trainer.py); none of these changes the algorithm except --reuse_fake
     a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
       help="autocast precision on CUDA (fp16 adds loss scaling); CPU runs fp32")
     a("--channels_last", action="store_true", help="NHWC memory layout for models and batches")
@@ -119,6 +119,7 @@ def build_parser():
     a("--n_samples", type=int, default=64, help="fixed-z samples drawn at every --sample_step")
     # dashboard
     a("--no_visdom", action="store_true", help="don't talk to a visdom server")
+    a("--visdom", dest="no_visdom", action="store_false", help="talk to it even where a preset says --no_visdom")
     a("--visdom_server", default="http://localhost")
     a("--visdom_port", type=int, default=8097)
     return p
@@ -183,6 +184,27 @@ def check_writable(folder, flag):
     except OSError as e:
         raise ValueError(f"{flag} {os.path.dirname(folder)!r} is not writable ({e.strerror}); "
                          f"pass a folder you can write to") from None
+
+
+def resume_command(argv, *extra):
+    """`python main.py` with this run's flags and `extra` (default --resume) replacing any same flag;
+    the flags that pick a checkpoint (--resume, --pretrained_model) are always replaced."""
+    extra = list(extra) or ["--resume"]
+    drop = {"--resume", "--pretrained_model"} | {a for a in extra if a.startswith("--")}
+
+    def dropped(arg):  # argparse also takes unambiguous prefixes (--res, --pretrained)
+        name = arg.split("=")[0]
+        return next((f for f in drop if len(name) > 4 and f.startswith(name)), None)
+
+    kept, i = [], 0
+    while i < len(argv):
+        flag = dropped(argv[i]) if argv[i].startswith("--") else None
+        if flag is None:
+            kept.append(argv[i])
+        elif flag != "--resume" and "=" not in argv[i]:
+            i += 1  # its value goes too
+        i += 1
+    return shlex.join(["python", "main.py", *kept, *extra])
 
 
 def make_dashboard(config, trainer):

@@ -1,7 +1,17 @@
 """The SAGAN training loop: batch -> D step -> G step -> log -> sample -> save.
 
 `step` counts finished generator updates; checkpoint N holds the state after N of them.
+
+The speed switches are no-ops when off:
+    --precision fp32|bf16|fp16   autocast around the forwards (bf16/fp16 need CUDA); fp16 adds a
+                                 GradScaler per network, saved in checkpoints
+    --channels_last              models and batches in NHWC memory layout
+    --compile                    torch.compile G and D in place (opt-in: minutes of compiling)
+Always on, because they never change results beyond float rounding: cudnn.benchmark on CUDA (the
+input sizes never change, so the fastest convolution algorithms are picked once), and Adam's fused
+multi-tensor update instead of a Python loop over parameters.
 """
+import contextlib
 import json
 import math
 import os
@@ -17,12 +27,47 @@ from checkpoint import (CheckpointError, atomic_write_text, ckpt_name, load_chec
 from data_loader import training_batches
 from distributed import DistInfo, max_over_ranks, mean_over_ranks, sync_batchnorm, wrap
 from ema import EMA
-from safety import Diverged, FiniteWatch, Interrupted, StopSignals, params_finite
 from sagan_models import Discriminator, Generator
-from speed import Speed
+from stopping import Diverged, FiniteWatch, Interrupted, StopSignals, params_finite
 from utils import default, denorm, exists, pick_device, rng_state, seed_everything, set_rng_state
 
-ARCH_KEYS = ("imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_attn", "d_attn")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# each network's architecture arguments and the flags they come from: a checkpoint stores the
+# arguments (model_args), resume compares them and names the flags that differ
+ARCH_FLAGS = {"G": dict(image_size="imsize", z_dim="z_dim", conv_dim="g_conv_dim", attn_res="g_attn"),
+              "D": dict(image_size="imsize", conv_dim="d_conv_dim", attn_res="d_attn")}
+
+
+def check_precision(precision, device):
+    """Raise ValueError when `precision` can't run on `device` (a torch.device)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and device.type != "cuda":
+        raise ValueError(f"--precision {precision} needs a CUDA GPU; on {device.type} use --precision fp32 "
+                         f"(reduced precision is slower than fp32 on most CPUs)")
+
+
+def model_args(config):
+    """{'G': {...}, 'D': {...}}: the networks' architecture arguments from the flags."""
+    return {net: {arg: getattr(config, flag) for arg, flag in args.items()} for net, args in ARCH_FLAGS.items()}
+
+
+def arch_differences(stored, current):
+    """{flag: (stored value, current value)} where a checkpoint's model_args differ from the current."""
+    differ = {}
+    for net, args in ARCH_FLAGS.items():
+        saved = stored.get(net) if isinstance(stored, dict) else None
+        for arg, flag in args.items():
+            old, new = saved.get(arg) if isinstance(saved, dict) else None, current[net][arg]
+            if type(old) is not type(new) or old != new:
+                differ.setdefault(flag, (old, new))
+    return differ
+
+
+def flag_value(value):
+    """A model argument as its flag is written: [16, 32] -> '16,32', [] -> 'none'."""
+    return ",".join(map(str, value)) or "none" if isinstance(value, list) else value
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -69,9 +114,10 @@ def gammas(G, D):
 
 
 class Trainer:
-    """One process of training. Under torchrun (`dist`, `device` from distributed.setup_distributed)
-    self.G / self.D stay the plain modules (saved, sampled, averaged into the EMA) and
-    self.G_train / self.D_train wrap them in DDP for the synchronised forward passes."""
+    """One process of training. self.G / self.D are the networks (saved, sampled, averaged into the
+    EMA); under torchrun (`dist`, `device` from distributed.setup_distributed) self.G_ddp / self.D_ddp
+    wrap them in DDP for the forwards whose gradients are averaged over ranks, and are the networks
+    themselves in one process."""
 
     def __init__(self, config, dataset, device=None, dist=None):
         self.config, self.dataset = config, dataset
@@ -82,18 +128,25 @@ class Trainer:
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         seed_everything(config.seed)
 
-        self.G = Generator(config.imsize, config.z_dim, config.g_conv_dim, config.g_attn).to(self.device)
-        self.D = Discriminator(config.imsize, config.d_conv_dim, config.d_attn).to(self.device)
+        args = model_args(config)
+        self.G = Generator(**args["G"]).to(self.device)
+        self.D = Discriminator(**args["D"]).to(self.device)
         if config.sync_bn and self.dist.enabled:
             self.G = sync_batchnorm(self.G, self.device)  # before the optimizer sees G's parameters
-        self.speed = Speed(config, self.device)
-        self.G, self.D = self.speed.prepare(self.G), self.speed.prepare(self.D)
+        if config.channels_last:  # in place, as every Module.to
+            self.G.to(memory_format=torch.channels_last)
+            self.D.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         betas = (config.beta1, config.beta2)
-        self.opt_g = self.speed.adam(self.G.parameters(), config.g_lr, betas)
-        self.opt_d = self.speed.adam(self.D.parameters(), config.d_lr, betas)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), config.g_lr, betas, fused=True)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), config.d_lr, betas, fused=True)
+        dtype = PRECISIONS[config.precision]
+        self.autocast = torch.autocast(self.device.type, dtype) if dtype else contextlib.nullcontext()
         # loss scaling for fp16, one per network (their gradients have unrelated ranges); with
         # fp32/bf16 these are disabled and pass everything through unchanged
-        self.scaler_g, self.scaler_d = self.speed.grad_scaler(), self.speed.grad_scaler()
+        self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=dtype is torch.float16)
+        self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=dtype is torch.float16)
         g = torch.Generator().manual_seed(config.seed)
         self.fixed_z = torch.randn(config.n_samples, config.z_dim, generator=g).to(self.device)
         self.step = 0
@@ -105,13 +158,10 @@ class Trainer:
             self.resume()
         else:
             self._start_metrics()
-        self.G_train, self.D_train = wrap(self.G, self.device, self.dist), wrap(self.D, self.device, self.dist)
-        # what the step calls: compiled with --compile, DDP-wrapped under torchrun (G_fwd, D_fwd), and
-        # the plain networks for forwards whose parameter gradients DDP must not wait for;
-        # checkpoints always save self.G / self.D, never a wrapper
-        self.G_fwd, self.D_fwd = self.speed.compile(self.G_train), self.speed.compile(self.D_train)
-        self.G_plain = self.speed.compile(self.G) if self.dist.enabled else self.G_fwd
-        self.D_plain = self.speed.compile(self.D) if self.dist.enabled else self.D_fwd
+        if config.compile:  # in place: the state dicts keep their names, every forward is compiled
+            self.G.compile()
+            self.D.compile()
+        self.G_ddp, self.D_ddp = wrap(self.G, self.device, self.dist), wrap(self.D, self.device, self.dist)
         self.dashboard = None
 
     def say(self, *args):
@@ -182,13 +232,12 @@ class Trainer:
                                   f"{', '.join(map(str, steps)) or 'none'}); check --version and "
                                   f"--model_save_path, or start without --resume")
         ckpt = load_checkpoint(path)
-        saved = ckpt["config"]
-        differ = [k for k in ARCH_KEYS if saved.get(k) != getattr(cfg, k)]
+        differ = arch_differences(ckpt["model_args"], dict(G=self.G.model_args(), D=self.D.model_args()))
         if differ:
             raise CheckpointError(
-                f"{path!r} was trained with " + ", ".join(f"--{k} {saved[k]}" for k in differ)
+                f"{path!r} was trained with " + ", ".join(f"--{k} {flag_value(old)}" for k, (old, _) in differ.items())
                 + "; resume with the same architecture flags (now: "
-                + ", ".join(f"--{k} {getattr(cfg, k)}" for k in differ) + ")")
+                + ", ".join(f"--{k} {flag_value(new)}" for k, (_, new) in differ.items()) + ")")
         self.G.load_state_dict(ckpt["G"])
         self.D.load_state_dict(ckpt["D"])
         self.opt_g.load_state_dict(ckpt["opt_g"])
@@ -206,10 +255,10 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         own_file = os.path.join(self.run_dir, ckpt_name(self.step))  # what latest.pt links to
         self.last_saved = (self.step, own_file if os.path.isfile(own_file) else path)
-        if self.ema and "G_ema" in ckpt:
-            self.ema.load_state_dict(ckpt["G_ema"])
-        elif self.ema:
-            self.say(f"{path} has no EMA generator: the EMA starts from its G at step {self.step}")
+        if self.ema:
+            self.ema.load_state_dict(ckpt.get("G_ema", ckpt["G"]))
+            if "G_ema" not in ckpt:  # a run without the EMA until now
+                self.say(f"{path} has no EMA generator: the EMA starts from its G at step {self.step}")
         self._start_metrics(keep_until=self.step)
         self.say(f"resumed from {path} at step {self.step}")
 
@@ -269,31 +318,32 @@ class Trainer:
         Returns the losses as 0-dim tensors, left on the device: reading them would wait for the
         GPU, so the loop only does that at log steps.
         """
-        cfg, G, D = self.config, self.G_fwd, self.D_fwd
+        cfg = self.config
         B = real.shape[0]
-        real = self.speed.layout(real)
+        if cfg.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
 
         # ================== D step: push D(real) up, D(G(z)) down ================== #
         z = self.noise((B, cfg.z_dim))
         if cfg.reuse_fake:
-            with self.speed.autocast():
-                fake_for_g = G(z)  # graph kept: the G step backpropagates through these images
+            with self.autocast:
+                fake_for_g = self.G_ddp(z)  # graph kept: the G step backpropagates through these images
             fake = fake_for_g.detach()
         else:
-            with torch.no_grad(), self.speed.autocast():
-                fake = self.G_plain(z)
-        with self.speed.autocast():
+            with torch.no_grad(), self.autocast:
+                fake = self.G(z)  # no gradients: nothing for DDP to average
+        with self.autocast:
             # real and fake in one forward: D has no batch-dependent layers, so the scores are the
             # same as from two forwards, and spectral norm runs one power iteration per D update
             # (Miyato et al.'s Algorithm 1) instead of one per forward
-            scores = D(torch.cat([real, fake])).float()
+            scores = self.D_ddp(torch.cat([real, fake])).float()
         d_loss_real, d_loss_fake = D_LOSSES[cfg.adv_loss](scores[:B], scores[B:])
         d_loss = d_loss_real + d_loss_fake
         losses = dict(d_loss_real=d_loss_real, d_loss_fake=d_loss_fake)
         if cfg.adv_loss == "wgan-gp":
-            with self.speed.autocast():
+            with self.autocast:
                 # the plain D: the penalty's parameter gradients reach DDP's hooks in d_loss.backward()
-                losses["d_gp"] = gradient_penalty(self.D_plain, real, fake, self.uniform((B, 1, 1, 1))).float()
+                losses["d_gp"] = gradient_penalty(self.D, real, fake, self.uniform((B, 1, 1, 1))).float()
             d_loss = d_loss + cfg.lambda_gp * losses["d_gp"]
         self.opt_d.zero_grad(set_to_none=True)
         self.scaler_d.scale(d_loss).backward()
@@ -303,9 +353,9 @@ class Trainer:
         # ================== G step: fresh z, push D(G(z)) up ================== #
         # the plain D: its gradients here would be thrown away, so DDP must not wait for them
         self.D.requires_grad_(False)
-        with self.speed.autocast():
-            fake = fake_for_g if cfg.reuse_fake else G(self.noise((B, cfg.z_dim)))
-            g_loss = g_adversarial(self.D_plain(fake).float())
+        with self.autocast:
+            fake = fake_for_g if cfg.reuse_fake else self.G_ddp(self.noise((B, cfg.z_dim)))
+            g_loss = g_adversarial(self.D(fake).float())
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler_g.scale(g_loss).backward()
         self.scaler_g.step(self.opt_g)

@@ -13,6 +13,13 @@ def default(x, d):
     return x if exists(x) else d
 
 
+def to_tensor(pixels):
+    """uint8 pixels (..., H, W, 3), an array or a PIL image -> float (..., 3, H, W) in [-1, 1]: images
+    as the networks see them, from a file or from the image cache, one image or a batch."""
+    arr = torch.from_numpy(np.array(pixels, dtype=np.uint8))  # a copy: torch needs a writable array
+    return arr.movedim(-1, -3).float().div_(127.5).sub_(1.0)
+
+
 def denorm(x):
     """[-1, 1] -> [0, 1]."""
     return ((x + 1) / 2).clamp_(0, 1)

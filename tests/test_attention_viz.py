@@ -1,8 +1,6 @@
 """attention_viz: geometry, extraction and statistics against the model's own full maps, and planted
 attention peaks that every figure must mark at the right pixel (non-square maps included)."""
 import math
-import os
-import sys
 
 import matplotlib
 
@@ -11,7 +9,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import attention as at  # noqa: E402
 import attention_viz as av  # noqa: E402
 from sagan_models import Discriminator, Generator  # noqa: E402

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ROOT, SMOKE
 from data_loader import ImageFolderFlat
 from image_cache import cache_path, cached
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CELEBA = "/work/shared/data/celeba_sample/img_align_celeba"
 
 
@@ -84,11 +84,9 @@ def test_unreadable_image_is_named_once_and_cached_as_the_next_readable_one(tmp_
 
 def test_training_builds_the_cache_once_with_a_progress_bar_and_reuses_it(tmp_path):
     write_jpegs(tmp_path / "img", 8)
-    args = [sys.executable, "main.py", "--image_path", str(tmp_path / "img"), "--imsize", "32",
-            "--g_conv_dim", "8", "--d_conv_dim", "8", "--z_dim", "16", "--batch_size", "4",
-            "--num_workers", "0", "--n_samples", "4", "--no_visdom", "--total_step", "2",
-            "--log_step", "1", "--model_save_path", str(tmp_path / "m"), "--sample_path",
-            str(tmp_path / "s"), "--cache_dir", str(tmp_path / "cache")]
+    args = [sys.executable, "main.py", *SMOKE, "--dataset", "celeb", "--image_path", str(tmp_path / "img"),
+            "--model_save_path", str(tmp_path / "m"), "--sample_path", str(tmp_path / "s"),
+            "--cache_dir", str(tmp_path / "cache")]
     first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "caching 8 images at 32px" in first.stdout and "image cache built" in first.stdout

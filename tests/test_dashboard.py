@@ -1,16 +1,11 @@
 """The dashboard's attention panel: query pixels -> map cells, the rows G gives, the picture drawn."""
-import sys
-from pathlib import Path
-
 import numpy as np
+import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pytest  # noqa: E402
-
-from attention import cell_to_index, face_pixels, pixel_queries, pixel_to_cell  # noqa: E402
-from dashboard import PANEL_HEAD, PANEL_SIDE, _colormap, render_attention_panel, sample_attention  # noqa: E402
-from sagan_models import Generator  # noqa: E402
+from attention import cell_to_index, face_pixels, pixel_queries, pixel_to_cell
+from dashboard import PANEL_HEAD, PANEL_SIDE, _colormap, render_attention_panel, sample_attention
+from sagan_models import Generator
 
 
 def query_index(x, y, imsize, H, W):

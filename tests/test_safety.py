@@ -9,7 +9,6 @@ import os
 import pickle
 import random
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -21,17 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import main
+from checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_generator
+from conftest import ROOT, SMOKE, free_port, one_thread_env
+from data_loader import ImageFolderFlat, synthetic_face
+from utils import rng_state
 
-import main  # noqa: E402
-from checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_generator  # noqa: E402
-from data_loader import ImageFolderFlat, synthetic_face  # noqa: E402
-from utils import rng_state  # noqa: E402
-
-TINY = ["--dataset", "synthetic", "--imsize", "32", "--g_conv_dim", "8", "--d_conv_dim", "8",
-        "--batch_size", "4", "--synthetic_size", "64", "--n_samples", "4", "--num_workers", "0",
-        "--no_visdom", "--log_step", "1", "--sample_step", "100000"]
+TINY = SMOKE + ["--sample_step", "100000"]  # the smoke run, logging every step, no sample grids
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -51,7 +46,7 @@ def out_args(tmp_path, version="run"):
 
 
 def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return one_thread_env(PYTHONUNBUFFERED="1")
 
 
 def spawn(args, log, **kw):
@@ -97,8 +92,7 @@ def wait_for(cond, timeout, proc=None, what="condition"):
 # OS file-size limit. The server kills and reaps runs on request, or waits for them.
 FORK_SERVER = r"""
 import json, os, resource, signal, sys
-sys.path.insert(0, os.getcwd())
-import main
+import main  # python -c: the working directory, the repository root, is on sys.path
 for line in sys.stdin:
     cmd = json.loads(line)
     if cmd[0] == "run":
@@ -292,7 +286,7 @@ def test_k_steps_resume_k_steps_equals_2k_steps_bitwise(tmp_path):
     assert diff == 0.0
     a = load_checkpoint(str(tmp_path / "models" / "whole" / "latest.pt"))
     b = load_checkpoint(str(tmp_path / "models" / "split" / "latest.pt"))
-    for part in ("G", "D", "fixed_z"):  # weights, BatchNorm statistics, spectral-norm u vectors
+    for part in ("G", "D", "G_ema", "fixed_z"):  # weights, BatchNorm statistics, spectral-norm u vectors
         sa, sb = (a[part], b[part]) if part != "fixed_z" else ({0: a[part]}, {0: b[part]})
         assert all(torch.equal(sa[k], sb[k]) for k in sa), part
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
@@ -318,6 +312,23 @@ def test_every_random_source_is_restored_on_resume(tmp_path):
     assert now["numpy"][0] == saved["numpy"][0] and torch.equal(now["numpy"][1], saved["numpy"][1])
     assert now["numpy"][2:] == saved["numpy"][2:]
     assert now["python"] == saved["python"]
+
+
+def test_resume_checks_the_stored_architecture_and_starts_a_missing_ema_from_g(tmp_path):
+    from trainer import Trainer
+    from data_loader import make_dataset
+    args = TINY + out_args(tmp_path) + ["--total_step", "2", "--model_save_step", "2", "--g_attn", "8,16"]
+    assert run_inprocess(args + ["--ema_decay", "0"]) is None
+    # the checkpoint's model_args, not its config, say what was trained; the flags that differ are named
+    msg = run_inprocess(args + ["--resume", "--g_conv_dim", "16", "--g_attn", "16", "--d_attn", "none"])
+    assert isinstance(msg, str) and "\n" not in msg, msg
+    assert "was trained with --g_conv_dim 8, --g_attn 8,16, --d_attn 8,4;" in msg, msg
+    assert "(now: --g_conv_dim 16, --g_attn 16, --d_attn none)" in msg, msg
+    # a run that kept no EMA so far: the EMA starts from the resumed G, not from a fresh one
+    config = main.parse_args(args + ["--resume", "--ema_decay", "0.9"])
+    trainer = Trainer(config, make_dataset(config))
+    G, ema = trainer.G.state_dict(), trainer.ema.state_dict()
+    assert trainer.step == 2 and all(torch.equal(G[k], ema[k]) for k in G)
 
 
 # ----------------------------------------------------------------------------- 4. bad data
@@ -525,8 +536,9 @@ def test_unwritable_save_folders_fail_at_start_with_one_line(tmp_path):
 
 def _full_disk_run(tmp_path, server, save_path, fsize=0):
     """Save step 2; resume where the step-3 checkpoint can't be written. Returns the run's output."""
-    args = TINY + ["--model_save_path", str(save_path), "--sample_path", str(tmp_path / "samples"),
-                   "--version", "run", "--model_save_step", "1"]
+    # z_dim 128: checkpoints of ~1.5 MB, the size the limits below are set for
+    args = TINY + ["--z_dim", "128", "--model_save_path", str(save_path), "--sample_path",
+                   str(tmp_path / "samples"), "--version", "run", "--model_save_step", "1"]
     assert run_inprocess(args + ["--total_step", "2"]) is None
     log = tmp_path / "full.txt"
     pid = server.run(args + ["--total_step", "5", "--resume"], log, fsize=fsize)
@@ -542,7 +554,7 @@ def _full_disk_run(tmp_path, server, save_path, fsize=0):
 def test_file_size_limit_during_save_fails_loudly_and_keeps_latest(tmp_path, server):
     """RLIMIT_FSIZE: the kernel refuses writes past a size (EFBIG), for any user, anywhere."""
     out = _full_disk_run(tmp_path, server, tmp_path / "models",
-                         fsize=200_000)  # a tiny checkpoint is ~1.2 MB; logs and samples are KBs
+                         fsize=200_000)  # a checkpoint is ~1.5 MB; logs and samples are KBs
     assert "main.py: error: could not write the step-3 checkpoint" in out, out
     assert "latest.pt still holds step 2" in out and "--resume" in out, out
 
@@ -551,7 +563,7 @@ def test_full_tmpfs_during_save_fails_loudly_and_keeps_latest(tmp_path, server):
     """A real full file system (ENOSPC), where this user may mount a small tmpfs."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    # room for the first checkpoints (~1.2 MB each, hard-linked as latest.pt), not for a third
+    # room for the first checkpoints (~1.5 MB each, hard-linked as latest.pt), not for a third
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root); the RLIMIT_FSIZE test covers EFBIG")
@@ -607,19 +619,12 @@ def dashboard_steps(port, env):
     return {int(x) for trace in json.loads(data)["content"]["data"] for x in trace["x"]}
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # visdom's client uses logger.warn
 def test_visdom_killed_hung_and_restarted_training_never_waits_and_dashboard_refills(tmp_path, server):
     pytest.importorskip("visdom")
-    port, env_name = _free_port(), "outage"
+    port, env_name = free_port(), "outage"
     run_dir = tmp_path / "models" / env_name
-    args = [a for a in TINY if a != "--no_visdom"] + out_args(tmp_path, env_name) + [
+    args = TINY + ["--visdom"] + out_args(tmp_path, env_name) + [
         "--visdom_port", str(port), "--model_save_step", "100000", "--total_step", "100000"]
     vis = start_visdom(port, tmp_path / "env_a", tmp_path / "visdom.txt")
     log = tmp_path / "train.txt"

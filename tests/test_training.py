@@ -1,25 +1,20 @@
 """main.py end to end, as a user runs it: a real subprocess, real files, a real visdom server."""
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from checkpoint import load_checkpoint, load_generator
+from conftest import ROOT, SMOKE, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 CELEBA_SAMPLE = ROOT.parent / "shared" / "data" / "celeba_sample"
-TINY = ["--dataset", "synthetic", "--imsize", "32", "--g_conv_dim", "8", "--d_conv_dim", "8",
-        "--z_dim", "16", "--batch_size", "4", "--synthetic_size", "64", "--num_workers", "0",
-        "--n_samples", "4"]
 
 
 def run_main(tmp_path, *args, check=True, timeout=300):
-    cmd = [sys.executable, str(ROOT / "main.py"), *TINY, "--model_save_path", str(tmp_path / "models"),
+    cmd = [sys.executable, str(ROOT / "main.py"), *SMOKE, "--model_save_path", str(tmp_path / "models"),
            "--sample_path", str(tmp_path / "samples"), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -62,12 +57,6 @@ def test_short_run_writes_samples_metrics_checkpoint_and_resumes(tmp_path):
     assert [r["step"] for r in metrics(run)] == [2, 4, 6, 8]  # steps past 3 were run again
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_visdom_server_receives_losses_gamma_and_samples(tmp_path):
     visdom_server = pytest.importorskip("visdom_server")
     if visdom_server.missing_static() and not visdom_server.npm_available():
@@ -78,7 +67,7 @@ def test_visdom_server_receives_losses_gamma_and_samples(tmp_path):
     try:
         visdom_server.wait_until_up(port, proc=server)
         out = run_main(tmp_path, "--total_step", "6", "--log_step", "2", "--sample_step", "3",
-                       "--version", "dash", "--visdom_server", "http://127.0.0.1",
+                       "--version", "dash", "--visdom", "--visdom_server", "http://127.0.0.1",
                        "--visdom_port", str(port)).stdout
         assert f"visdom: http://127.0.0.1:{port}, env 'dash'" in out
         vis = visdom.Visdom(server="http://127.0.0.1", port=port, env="dash",
@@ -97,7 +86,7 @@ def test_visdom_server_receives_losses_gamma_and_samples(tmp_path):
 
 
 def test_no_visdom_server_warns_once_and_trains_on(tmp_path):
-    proc = run_main(tmp_path, "--total_step", "4", "--log_step", "2", "--version", "nodash",
+    proc = run_main(tmp_path, "--total_step", "4", "--log_step", "2", "--version", "nodash", "--visdom",
                     "--visdom_port", str(free_port()))
     assert proc.stderr.count("visdom: no dashboard") == 1
     assert "step 4/4" in proc.stdout
@@ -132,7 +121,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, message):
     import main
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit:
-        main.main([*TINY, "--no_visdom", "--model_save_path", str(tmp_path / "m"), *args])
+        main.main([*SMOKE, "--model_save_path", str(tmp_path / "m"), *args])
     code = exit.value.code  # argparse prints and exits 2; later checks exit with the message
     assert code not in (0, None)
     lines = (code if isinstance(code, str) else capsys.readouterr().err).strip().splitlines()

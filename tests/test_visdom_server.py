@@ -1,17 +1,13 @@
 """The offline visdom server: real subprocess on a free loopback port, no CDN."""
 import json
-import socket
-import sys
 import urllib.request
 from html.parser import HTMLParser
-from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
 import pytest
 
-# Flat layout: the module under test lives at the repo root, not in a package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import visdom_server  # noqa: E402
+import visdom_server
+from conftest import free_port
 
 pytest.importorskip("visdom", reason="visdom is not installed")
 
@@ -28,9 +24,7 @@ def static_installed():
 
 @pytest.fixture(scope="module")
 def server(static_installed, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = visdom_server.start_server(port, env_path=tmp_path_factory.mktemp("visdom_env"))
     try:
         url = visdom_server.wait_until_up(port, timeout=20, proc=proc)

@@ -13,28 +13,25 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 import attention as at  # noqa: E402
 import attention_viz as av  # noqa: E402
 import visualize_attn  # noqa: E402
 from checkpoint import CheckpointError, load_models  # noqa: E402
+from conftest import ROOT, SMOKE, one_thread_env  # noqa: E402
 from sagan_models import Generator  # noqa: E402
 
 NOTEBOOK = os.path.join(ROOT, "visualize_attn.ipynb")
 CELEBA = "/work/shared/data/celeba_sample/img_align_celeba"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+ENV = one_thread_env()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A real 32px checkpoint: 4 steps of main.py on the built-in data."""
     tmp = tmp_path_factory.mktemp("explorer")
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--dataset", "synthetic", "--imsize", "32",
-           "--g_conv_dim", "8", "--d_conv_dim", "8", "--z_dim", "16", "--batch_size", "4",
-           "--synthetic_size", "64", "--num_workers", "0", "--n_samples", "4", "--total_step", "4",
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), *SMOKE, "--total_step", "4",
            "--log_step", "2", "--sample_step", "4", "--model_save_step", "4", "--version", "t",
-           "--no_visdom", "--model_save_path", str(tmp / "models"), "--sample_path", str(tmp / "samples")]
+           "--model_save_path", str(tmp / "models"), "--sample_path", str(tmp / "samples")]
     subprocess.run(cmd, check=True, cwd=tmp, env=ENV, capture_output=True, timeout=300)
     path = tmp / "models" / "t" / "latest.pt"
     assert path.is_file()
@@ -221,7 +218,7 @@ def test_notebook_executes_headless(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="sagan-test",
-                   resources={"metadata": {"path": ROOT}}).execute()
+                   resources={"metadata": {"path": str(ROOT)}}).execute()
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

@@ -1,2 +1,3 @@
-"""Developer tools: what measures the project (benchmarks, the naive yardstick, the GPU check), run as
-`python -m tools.<name>` from the repository root. What users run stays at the root."""
+"""Developer tools: what measures the project (the benchmark and its naive yardstick, the GPU check,
+the cache timing) and retakes its pictures (the dashboard screenshot), run as `python -m tools.<name>`
+from the repository root. What users run stays at the root."""

@@ -5,9 +5,10 @@
   exits are reported and ignored, so nothing can cut a checkpoint write short (and if SIGKILL does,
   the write is atomic: latest.pt still names the previous complete checkpoint).
 - `FiniteWatch`: remembers on the device the first step whose losses were NaN/Inf, so the loop
-  checks every step without a host sync, and syncs only when it logs or is about to save.
+  checks every step without a host sync, and syncs only when it logs or is about to save;
+  `params_finite` checks the weights before a save.
+- `Interrupted`, `Diverged`: how the loop ends early (main.py prints the command that continues).
 """
-import shlex
 import signal
 import sys
 import threading
@@ -85,24 +86,3 @@ def params_finite(*modules):
     """True when every parameter and buffer is finite (one host sync)."""
     tensors = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
     return bool(torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all())
-
-
-def resume_command(argv, *extra):
-    """`python main.py` with this run's flags and `extra` (default --resume) replacing any same flag;
-    the flags that pick a checkpoint (--resume, --pretrained_model) are always replaced."""
-    extra = list(extra) or ["--resume"]
-    drop = {"--resume", "--pretrained_model"} | {a for a in extra if a.startswith("--")}
-
-    def dropped(arg):  # argparse also takes unambiguous prefixes (--res, --pretrained)
-        name = arg.split("=")[0]
-        return next((f for f in drop if len(name) > 4 and f.startswith(name)), None)
-
-    kept, i = [], 0
-    while i < len(argv):
-        flag = dropped(argv[i]) if argv[i].startswith("--") else None
-        if flag is None:
-            kept.append(argv[i])
-        elif flag != "--resume" and "=" not in argv[i]:
-            i += 1  # its value goes too
-        i += 1
-    return shlex.join(["python", "main.py", *kept, *extra])

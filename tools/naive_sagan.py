@@ -1,17 +1,18 @@
-"""The naive seed implementation, kept only as the yardstick `bench.py` measures against.
+"""A naive SAGAN, kept only as the yardstick `python -m tools.bench` measures against.
 
-This is how the seed repository (heykeetae/Self-Attention-GAN) trains, at the same architecture as
-`sagan_models.py` (same widths, same attention placement, spectral norm on the same layers):
+This is how the repository this project started from (heykeetae/Self-Attention-GAN) trains, at the
+same architecture as `sagan_models.py` (same widths, same attention placement, spectral norm on the
+same layers):
 
 - attention materialised: energy = bmm(q^T, k) (B, N, N), softmax, out = bmm(v, attention^T), with
-  the permutes of the seed's `Self_Attn`, and every layer returns its (B, N, N) map;
-- spectral norm by a hand-written power iteration (the seed's `spectral.py`): a wrapper module that
-  recomputes w / sigma on every forward call;
+  the permutes of that repository's `Self_Attn`, and every layer returns its (B, N, N) map;
+- spectral norm by a hand-written power iteration (that repository's `spectral.py`): a wrapper
+  module that recomputes w / sigma on every forward call;
 - fp32, plain `torch.optim.Adam` defaults;
-- D step: G(z) with grad (the seed does not detach), D(real) and D(fake) as two forwards;
+- D step: G(z) with grad (not detached), D(real) and D(fake) as two forwards;
 - G step: a fresh z and a fresh G forward, D's parameter gradients computed and thrown away.
 
-Not used for training. Nothing here is imported by the project's own code.
+Not used for training; nothing in the library imports it.
 """
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ def l2normalize(v, eps=1e-12):
 
 
 class SpectralNorm(nn.Module):
-    """The seed's spectral norm: one power iteration per forward, weight = w_bar / sigma."""
+    """The original spectral norm: one power iteration per forward, weight = w_bar / sigma."""
 
     def __init__(self, module, dim=0):
         super().__init__()
@@ -52,8 +53,8 @@ def SN(layer):
     return SpectralNorm(layer, dim=1 if isinstance(layer, nn.ConvTranspose2d) else 0)
 
 
-class SeedSelfAttn(nn.Module):
-    """The seed's Self_Attn: permute, bmm, softmax over the full (B, N, N) energy, bmm back."""
+class NaiveSelfAttn(nn.Module):
+    """The original Self_Attn: permute, bmm, softmax over the full (B, N, N) energy, bmm back."""
 
     def __init__(self, in_dim):
         super().__init__()
@@ -73,7 +74,7 @@ class SeedSelfAttn(nn.Module):
         return self.gamma * out + x, attention
 
 
-class SeedGenerator(nn.Module):
+class NaiveGenerator(nn.Module):
     def __init__(self, image_size=64, z_dim=128, conv_dim=64, attn_res=(16, 32)):
         super().__init__()
         self.z_dim = z_dim
@@ -84,7 +85,7 @@ class SeedGenerator(nn.Module):
             layers.append(nn.Sequential(SN(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)),
                                         nn.BatchNorm2d(c_out), nn.ReLU()))
         self.blocks = nn.ModuleList(layers)
-        self.attn = nn.ModuleDict({str(r): SeedSelfAttn(c) for r, c in zip(self.resolutions, ch)
+        self.attn = nn.ModuleDict({str(r): NaiveSelfAttn(c) for r, c in zip(self.resolutions, ch)
                                    if r in attn_res})
         self.last = nn.Sequential(SN(nn.ConvTranspose2d(ch[-1], 3, 4, 2, 1)), nn.Tanh())
 
@@ -99,7 +100,7 @@ class SeedGenerator(nn.Module):
         return self.last(x), maps
 
 
-class SeedDiscriminator(nn.Module):
+class NaiveDiscriminator(nn.Module):
     def __init__(self, image_size=64, conv_dim=64, attn_res=(8, 4)):
         super().__init__()
         self.resolutions = d_resolutions(image_size)
@@ -108,7 +109,7 @@ class SeedDiscriminator(nn.Module):
         for c_in, c_out in zip(ch, ch[1:]):
             layers.append(nn.Sequential(SN(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(0.1)))
         self.blocks = nn.ModuleList(layers)
-        self.attn = nn.ModuleDict({str(r): SeedSelfAttn(c) for r, c in zip(self.resolutions, ch)
+        self.attn = nn.ModuleDict({str(r): NaiveSelfAttn(c) for r, c in zip(self.resolutions, ch)
                                    if r in attn_res})
         self.last = SN(nn.Conv2d(ch[-1], 1, 4))
 
@@ -122,14 +123,14 @@ class SeedDiscriminator(nn.Module):
         return self.last(x).squeeze(), maps
 
 
-class SeedTrainer:
-    """The seed's hinge-loss iteration, one call = one D update then one G update."""
+class NaiveTrainer:
+    """The original hinge-loss iteration, one call = one D update then one G update."""
 
     def __init__(self, imsize, z_dim, g_conv_dim, d_conv_dim, g_attn, d_attn, device="cpu",
                  g_lr=1e-4, d_lr=4e-4, betas=(0.0, 0.9)):
         self.z_dim, self.device = z_dim, device
-        self.G = SeedGenerator(imsize, z_dim, g_conv_dim, g_attn).to(device)
-        self.D = SeedDiscriminator(imsize, d_conv_dim, d_attn).to(device)
+        self.G = NaiveGenerator(imsize, z_dim, g_conv_dim, g_attn).to(device)
+        self.D = NaiveDiscriminator(imsize, d_conv_dim, d_attn).to(device)
         self.g_optimizer = torch.optim.Adam(filter(lambda p: p.requires_grad, self.G.parameters()), g_lr, betas)
         self.d_optimizer = torch.optim.Adam(filter(lambda p: p.requires_grad, self.D.parameters()), d_lr, betas)
 

@@ -1,9 +1,9 @@
 """Time the real training iteration (Trainer.train_step: one D and one G update) against the naive
-seed implementation (seed_reference.py) at the same architecture, in one process.
+SAGAN (tools/naive_sagan.py) at the same architecture, in one process.
 
-    python bench.py --imsize 64 --batch_size 64 --g_conv_dim 64 --d_conv_dim 64 --steps 5
-    python bench.py --imsize 128 --g_attn 64 --only ours      # memory of one side alone
-    python bench.py ... --profile 20                           # torch.profiler table of both steps
+    python -m tools.bench --imsize 64 --batch_size 64 --g_conv_dim 64 --d_conv_dim 64 --steps 5
+    python -m tools.bench --imsize 128 --g_attn 64 --only ours      # memory of one side alone
+    python -m tools.bench ... --profile 20                           # torch.profiler table of both steps
 
 Every flag of main.py is accepted (architecture, --device, --precision, --channels_last, --compile,
 --reuse_fake...). The two implementations alternate step by step after warm-up, so load from other
@@ -12,12 +12,10 @@ is one JSON object. Peak memory: CUDA max allocated per step on GPU; on CPU the 
 size sampled during each implementation's steps (with --only, the process's exact ru_maxrss too).
 Data loading is not timed: batches are random images already on the device.
 """
-import argparse
 import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -25,12 +23,16 @@ import time
 import torch
 
 import main as sagan_main
-from seed_reference import SeedTrainer
+from cli import Parser, run
+from tools.naive_sagan import NaiveTrainer
 from trainer import Trainer
+from utils import pick_device
+
+PROG = "tools.bench"
 
 
 def bench_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
     p.add_argument("--only", choices=["both", "ours", "naive"], default="both")
@@ -96,17 +98,17 @@ class Side:
 def build(args, rest, workdir):
     config = sagan_main.parse_args(rest + ["--dataset", "synthetic", "--no_visdom", "--version", "bench",
                                            "--model_save_path", workdir, "--sample_path", workdir])
-    device = torch.device(sagan_main.pick_device(config.device))
+    device = pick_device(config.device)  # checked by parse_args
     sides, rss = [], RSSPeak()
     if args.only in ("both", "ours"):
         trainer = Trainer(config, dataset=None)
         trainer.G.train(), trainer.D.train()
         sides.append(Side("ours", trainer.train_step, device, rss))
     if args.only in ("both", "naive"):
-        seed = SeedTrainer(config.imsize, config.z_dim, config.g_conv_dim, config.d_conv_dim,
-                           config.g_attn, config.d_attn, device, config.g_lr, config.d_lr,
-                           (config.beta1, config.beta2))
-        sides.append(Side("naive", seed.train_step, device, rss))
+        naive = NaiveTrainer(config.imsize, config.z_dim, config.g_conv_dim, config.d_conv_dim,
+                             config.g_attn, config.d_attn, device, config.g_lr, config.d_lr,
+                             (config.beta1, config.beta2))
+        sides.append(Side("naive", naive.train_step, device, rss))
     return config, device, sides
 
 
@@ -157,7 +159,7 @@ def main(argv=None):
         result["naive"] = {k: summaries["naive"][k] for k in ("img_per_s", "s_per_step", "peak_mem_mb")}
     if len(summaries) == 2:
         result["speedup_vs_naive"] = round(summaries["naive"]["s_per_step"] / summaries["ours"]["s_per_step"], 3)
-        print(f"speed-up vs the naive seed implementation: {result['speedup_vs_naive']:.2f}x "
+        print(f"speed-up vs the naive SAGAN (tools/naive_sagan.py): {result['speedup_vs_naive']:.2f}x "
               f"(medians of {args.steps} alternating steps)")
     if device.type == "cpu":
         result["ru_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -167,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    run(PROG, main)

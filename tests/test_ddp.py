@@ -15,16 +15,15 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--dataset", "synthetic", "--imsize", "32", "--g_conv_dim", "8", "--d_conv_dim", "8",
-        "--z_dim", "16", "--synthetic_size", "64", "--num_workers", "0", "--n_samples", "4",
-        "--total_step", "5", "--log_step", "1", "--sample_step", "5", "--model_save_step", "1",
-        "--no_visdom", "--sync_bn", "--ema_decay", "0.9"]
+from conftest import ROOT, SMOKE, one_thread_env
+
+ARGS = SMOKE + ["--total_step", "5", "--sample_step", "5", "--model_save_step", "1", "--sync_bn",
+                "--ema_decay", "0.9"]
 GLOBAL_BATCH = 8
 
 
 def train(tmp_path, version, nproc, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = one_thread_env()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     cmd = launcher + [os.path.join(ROOT, "main.py"), *ARGS, "--batch_size", str(GLOBAL_BATCH // nproc),

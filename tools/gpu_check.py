@@ -1,4 +1,4 @@
-"""Checks for a CUDA machine, in one command:  python gpu_check.py  (exit status 0 = all passed)
+"""Checks for a CUDA machine, in one command:  python -m tools.gpu_check  (exit status 0 = all passed)
 
 1. Fused vs materialised attention agree in bf16 and fp16 (output and gradients) within a stated
    tolerance, at 32x32 and 64x64 (N = 4096).
@@ -6,7 +6,7 @@
    forward + backward stays far below one (B, N, N) fp32 map (4 GiB).
 3. A few training steps of main.py in fp32, bf16, fp16 (+ resume, GradScaler state restored),
    channels_last, and --compile.
-4. bench.py's table at 64px and at 128px with attention on the 64x64 map.
+4. tools.bench's table at 64px and at 128px with attention on the 64x64 map.
 
 Everything runs on the first GPU; nothing here runs on CPU (it exits with a message there).
 """
@@ -18,9 +18,11 @@ import tempfile
 
 import torch
 
+from cli import Parser, UserError, run
 from sagan_models import Self_Attn
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+PROG = "tools.gpu_check"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # main.py's folder
 # bf16 keeps 8 bits of mantissa: relative error ~4e-3 per rounding, a few roundings deep here
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 failures = []
@@ -74,7 +76,8 @@ def no_n_by_n_at_4096(device):
           f"peak {peak / 2**20:.0f} MiB vs one fp32 (B, N, N) map {one_map / 2**20:.0f} MiB")
 
 
-def run(args, name):
+def run_python(args, name):
+    """`python args` from the repository root, checked by its exit status."""
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
     check(name, r.returncode == 0, r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip()
           else r.stderr.strip()[-600:])
@@ -90,12 +93,13 @@ def training_runs(workdir):
                         (["--precision", "fp16"], "fp16"),
                         (["--precision", "bf16", "--channels_last"], "bf16_cl"),
                         (["--precision", "bf16", "--compile"], "bf16_compile")]:
-        run(base + extra + ["--total_step", "10", "--version", name], f"main.py trains 10 steps, {' '.join(extra)}")
+        run_python(base + extra + ["--total_step", "10", "--version", name],
+                   f"main.py trains 10 steps, {' '.join(extra)}")
     ckpt = torch.load(os.path.join(workdir, "m", "fp16", "latest.pt"), weights_only=True)
     check("fp16 checkpoint holds GradScaler state", bool(ckpt.get("scaler_g")) and bool(ckpt.get("scaler_d")),
           f"scale G {ckpt.get('scaler_g', {}).get('scale')}, D {ckpt.get('scaler_d', {}).get('scale')}")
-    run(base + ["--precision", "fp16", "--total_step", "15", "--version", "fp16", "--resume"],
-        "fp16 run resumes from its checkpoint")
+    run_python(base + ["--precision", "fp16", "--total_step", "15", "--version", "fp16", "--resume"],
+               "fp16 run resumes from its checkpoint")
     for name in ("fp32", "bf16", "fp16"):
         with open(os.path.join(workdir, "m", name, "metrics.jsonl")) as f:
             last = [json.loads(line) for line in f][-1]
@@ -106,14 +110,15 @@ def training_runs(workdir):
 def bench_tables():
     for extra in (["--imsize", "64"], ["--imsize", "64", "--precision", "bf16"],
                   ["--imsize", "128", "--g_attn", "64"], ["--imsize", "128", "--g_attn", "64", "--precision", "bf16"]):
-        r = run(["bench.py", *extra, "--batch_size", "64", "--steps", "10", "--warmup", "3", "--device", "cuda"],
-                f"bench.py {' '.join(extra)}")
+        r = run_python(["-m", "tools.bench", *extra, "--batch_size", "64", "--steps", "10", "--warmup", "3",
+                        "--device", "cuda"], f"tools.bench {' '.join(extra)}")
         print("\n".join(r.stdout.strip().splitlines()[-4:]), flush=True)
 
 
-def main():
+def main(argv=None):
+    Parser(prog=PROG, description=__doc__.split("\n\n")[0]).parse_args(argv)  # no options: --help only
     if not torch.cuda.is_available():
-        sys.exit("gpu_check.py: no CUDA GPU here; run it on a machine with one")
+        raise UserError("no CUDA GPU here; run it on a machine with one")
     device = torch.device("cuda")
     print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     attention_agreement(device)
@@ -126,4 +131,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(PROG, main)

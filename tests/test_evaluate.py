@@ -14,16 +14,14 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from checkpoint import load_checkpoint, load_generator  # noqa: E402
-from data_loader import SyntheticFaces, make_dataset  # noqa: E402
-from ema import EMA  # noqa: E402
-from evaluate import RandomConvFeatures, fake_batches, real_features, to_uint8  # noqa: E402
-from main import parse_args  # noqa: E402
-from sagan_models import Generator  # noqa: E402
-from trainer import Trainer  # noqa: E402
+from checkpoint import load_checkpoint, load_generator
+from conftest import ROOT, SMOKE, one_thread_env
+from data_loader import SyntheticFaces, make_dataset
+from ema import EMA
+from evaluate import RandomConvFeatures, fake_batches, real_features, to_uint8
+from main import parse_args
+from sagan_models import Generator
+from trainer import Trainer
 
 N = 40  # generated and real images (> the 16 stand-in features); KID's subset is all of them
 
@@ -32,11 +30,8 @@ N = 40  # generated and real images (> the 16 stand-in features); KID's subset i
 def run(tmp_path_factory):
     """A 3-step run on the built-in data (EMA on) and a folder of real built-in faces as PNG files."""
     tmp = tmp_path_factory.mktemp("eval")
-    config = parse_args(["--dataset", "synthetic", "--imsize", "32", "--g_conv_dim", "8", "--d_conv_dim", "8",
-                         "--z_dim", "16", "--batch_size", "4", "--synthetic_size", "32", "--num_workers", "0",
-                         "--n_samples", "4", "--total_step", "3", "--log_step", "1", "--sample_step", "3",
-                         "--model_save_step", "3", "--no_visdom", "--ema_decay", "0.5", "--version", "ev",
-                         "--model_save_path", str(tmp / "models"), "--sample_path", str(tmp / "samples")])
+    config = parse_args([*SMOKE, "--synthetic_size", "32", "--total_step", "3", "--sample_step", "3",
+                         "--model_save_step", "3", "--ema_decay", "0.5", "--version", "ev", "--model_save_path", str(tmp / "models"), "--sample_path", str(tmp / "samples")])
     trainer = Trainer(config, make_dataset(config))
     ckpt = trainer.train()
     real = tmp / "real" / "nested"
@@ -53,7 +48,7 @@ def evaluate(tmp, ckpt, *extra):
            "--num_samples", str(N), "--batch_size", "10", "--features", "randconv", "--kid_subset_size", str(N),
            "--kid_subsets", "3", "--cache_dir", str(tmp / "cache"), "--json", str(out), *extra]
     proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=one_thread_env())
     return proc, (json.loads(out.read_text()) if proc.returncode == 0 else None)
 
 
