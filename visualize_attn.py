@@ -60,7 +60,8 @@ def seed_list(text):
 def build_parser():
     p = Parser(prog="visualize_attn.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--checkpoint", help="a checkpoint of this project, e.g. models/quick/latest.pt (default: "
+    a("--checkpoint", help="a checkpoint of this project, e.g. models/quick/latest.pt, or a seed "
+                            "repository's 64px <step>_G.pth / <step>-G.ckpt (default: "
                             "$SAGAN_CHECKPOINT, else the newest run under models/, else the showcase "
                             "model in assets/)")
     a("--out", help="PNG file for the figure (not needed with --table alone)")
