@@ -25,7 +25,7 @@ the size of what it actually adds to the query's output.
 import json
 import math
 import re
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
@@ -338,6 +338,17 @@ def intervene(layer, mode, queries=None):
         yield layer
     finally:
         handle.remove()
+
+
+@contextmanager
+def layers_removed(net, names):
+    """Within the block, the attention layers `names` of `net` (e.g. ['G8', 'G16']) add nothing:
+    intervene(layer, 'remove') on each, the causal test's 'without this layer'."""
+    layers = attention_layers(net)
+    with ExitStack() as stack:
+        for name in names:
+            stack.enter_context(intervene(layers[name], "remove"))
+        yield net
 
 
 @torch.no_grad()
