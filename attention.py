@@ -15,11 +15,17 @@ Conventions every function here keeps:
   Grid panels are drawn in cell units: cell (i, j) is centred at (j + 0.5, i + 0.5).
 
 Only the query rows that are asked for are computed: a full map of a 64x64 layer is N*N = 16.7 M
-floats per image. Full maps are made only where a statistic needs every row (key saliency), and
-then in chunks of rows.
+floats per image. Full maps are made only where a statistic needs every row (key saliency, the
+mean row), and then in chunks of rows.
+
+Weights alone do not say whether a layer matters: `intervene` changes a layer's attention and the
+table measures what that does to the image (or D's score); `contribution_rows` weighs each key by
+the size of what it actually adds to the query's output.
 """
+import json
 import math
 import re
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
@@ -220,14 +226,29 @@ def attention_rows(layer, features, queries=None, chunk=None):
 @torch.no_grad()
 def key_saliency(layer, features, chunk=1024):
     """Attention each key receives, summed over all N queries: (B, H, W). Rows sum to 1, so the
-    saliency sums to N and a key receiving exactly its uniform share scores 1."""
+    saliency sums to N and a key receiving exactly its uniform share scores 1. The layer's own
+    weights, also while an intervention is set on it."""
     B, _, H, W = features.shape
     N = H * W
     total = torch.zeros(B, N, dtype=torch.float64, device=features.device)
     for s in range(0, N, chunk):
         idx = torch.arange(s, min(s + chunk, N))
-        total += layer(features, return_attn=True, queries=idx)[1].double().sum(dim=1)
+        # .forward, not the call: past intervene's hook, which calls this for the mean row
+        total += layer.forward(features, return_attn=True, queries=idx)[1].double().sum(dim=1)
     return total.reshape(B, H, W).float()  # (B, H, W)
+
+
+@torch.no_grad()
+def contribution_rows(layer, features, queries):
+    """What each key adds to each query's output, ||gamma * a_qk * v_k|| over channels: (B, Q, N)
+    for flattened query indices `queries` (Q,).
+
+    The layer adds gamma * sum_k a_qk v_k to query q, so a key with a large weight but a small
+    value vector adds little, and a light key with a large one can add a lot (Kobayashi et al.
+    2020). Norms of the terms, not of the sum: terms pointing different ways partly cancel."""
+    rows = attention_rows(layer, features, queries)               # (B, Q, N)
+    v_norm = layer.project(features)[2].norm(dim=1)               # (B, N)
+    return layer.gamma.abs() * rows * v_norm.unsqueeze(1)         # (B, Q, N)
 
 
 @torch.no_grad()
@@ -265,6 +286,90 @@ def feature_image(features, channel=None):
         raise ValueError(f"channel {channel} does not exist: this layer has {features.shape[0]} "
                          f"channels (0..{features.shape[0] - 1})")
     return features[channel].cpu().numpy()
+
+
+# ============================================================================ interventions
+
+INTERVENTIONS = ("remove", "uniform", "mean_row")
+DELTA_KEYS = dict(remove="ablation_delta", uniform="uniform_delta", mean_row="mean_row_delta")
+
+
+@contextmanager
+def intervene(layer, mode, queries=None):
+    """Within the block, `layer` (a Self_Attn) runs with its attention term changed:
+
+        'remove'    gamma * o -> 0: the layer passes its input on unchanged (out = x)
+        'uniform'   every query weighs every key 1/N: its o is the mean of the value vectors
+        'mean_row'  every query uses the mean of all N queries' rows: one map for every query
+                    (GCNet's test of whether non-local attention depends on the query)
+
+    `queries` (flattened indices, (Q,)) limits the change to those query positions; the others keep
+    the layer's own output. The maps the layer returns are the weights it used ('remove': its own,
+    which no longer reach the output). A forward hook, there only inside the block: the training
+    path runs no extra code.
+    """
+    if mode not in INTERVENTIONS:
+        raise ValueError(f"intervention {mode!r}: use one of {', '.join(INTERVENTIONS)}")
+
+    def hook(module, args, kwargs, output):
+        x, (out, attention) = args[0], output
+        B, C, H, W = x.shape
+        N = H * W
+        hit = torch.zeros(N, dtype=torch.bool, device=x.device)  # the intervened query positions
+        hit[slice(None) if queries is None else torch.as_tensor(queries, device=x.device).long()] = True
+        if mode == "remove":
+            changed = x
+        else:
+            if mode == "uniform":
+                weights = x.new_full((B, N), 1 / N)                   # (B, N), one row for all queries
+            else:
+                weights = key_saliency(module, x).flatten(1) / N      # (B, N): the mean row
+            v = module.project(x)[2]                                  # (B, C, N)
+            o = torch.bmm(v, weights.unsqueeze(2))                    # (B, C, 1), the same at every query
+            changed = module.gamma * o.reshape(B, C, 1, 1) + x        # (B, C, H, W)
+            if attention is not None:
+                q = kwargs.get("queries")                             # the returned rows' query indices
+                rows = hit if q is None else hit[q.to(x.device)]      # (Q,)
+                attention = torch.where(rows[None, :, None], weights[:, None, :], attention)
+        return torch.where(hit.reshape(1, 1, H, W), changed, out), attention
+
+    handle = layer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield layer
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def layers_removed(net, names):
+    """Within the block, the attention layers `names` of `net` (e.g. ['G8', 'G16']) add nothing:
+    intervene(layer, 'remove') on each, the causal test's 'without this layer'."""
+    layers = attention_layers(net)
+    with ExitStack() as stack:
+        for name in names:
+            stack.enter_context(intervene(layers[name], "remove"))
+        yield net
+
+
+@torch.no_grad()
+def intervention_deltas(G, z, D=None):
+    """{layer: {mode: (B,)}}: per image, the mean absolute change each intervention on each layer
+    makes. G layers: of the image G makes from z, in pixel values 0..1. D layers (when D is given):
+    of D's score on G's unchanged image. One layer at a time, the rest as trained."""
+    img = G(z)
+    deltas = {}
+    for name, layer in attention_layers(G).items():
+        for mode in INTERVENTIONS:
+            with intervene(layer, mode):
+                # images are in [-1, 1]: half the change is the change in 0..1 pixel values
+                deltas.setdefault(name, {})[mode] = ((G(z) - img).abs().flatten(1).mean(1) / 2).cpu()
+    if D is not None:
+        score = D(img)
+        for name, layer in attention_layers(D).items():
+            for mode in INTERVENTIONS:
+                with intervene(layer, mode):
+                    deltas.setdefault(name, {})[mode] = (D(img) - score).abs().cpu()
+    return deltas
 
 
 # ============================================================================ statistics
@@ -357,16 +462,20 @@ def layer_statistics(G, seeds, n_queries=64, k=TOPK, D=None, query_seed=0, batch
     per layer (all cells when the layer has fewer). D, when given, sees the generated images.
 
     Returns one dict per layer: name, hw, N, gamma, share (attention_share), top_mass, uniform,
-    entropy, dist, dist_uniform, qi, verdict; means over images x queries.
+    entropy, dist, dist_uniform, qi, verdict; means over images x queries. And what the layer's
+    interventions change (intervention_deltas), means over images: ablation_delta ('remove'),
+    uniform_delta, mean_row_delta, and delta_of, what they measure ('image' or 'D score').
     """
     img_hw = (G.image_size, G.image_size)
     acc = {}
+    stats = ("share", "top_mass", "entropy", "dist", "qi", *DELTA_KEYS.values())
     for s in range(0, len(seeds), batch):
         z = z_for_seeds(seeds[s:s + batch], G.z_dim).to(next(G.parameters()).device)
         img, feats, _ = run_net(G, z)
         nets = [(G, feats)]
         if D is not None:
             nets.append((D, run_net(D, img)[1]))
+        deltas = intervention_deltas(G, z, D)
         for net, fts in nets:
             for name, layer in attention_layers(net).items():
                 f = fts[name]
@@ -376,17 +485,20 @@ def layer_statistics(G, seeds, n_queries=64, k=TOPK, D=None, query_seed=0, batch
                 q = torch.randperm(N, generator=g)[:n_queries] if n_queries < N else torch.arange(N)
                 rows = attention_rows(layer, f, q).cpu()   # (B, Q, N)
                 a = acc.setdefault(name, dict(name=name, hw=(H, W), N=N, gamma=gamma(layer),
-                                              share=[], top_mass=[], entropy=[], dist=[], qi=[],
-                                              dist_uniform=float(uniform_distance(q, (H, W), img_hw).mean())))
+                                              dist_uniform=float(uniform_distance(q, (H, W), img_hw).mean()),
+                                              delta_of="image" if net is G else "D score",
+                                              **{key: [] for key in stats}))
                 a["share"].append(attention_share(layer, f))
                 a["top_mass"].append(topk_mass(rows, k).flatten())
                 a["entropy"].append(entropy_norm(rows).flatten())
                 a["dist"].append(mean_distance(rows, q, (H, W), img_hw).flatten())
                 a["qi"].append(query_independence(rows))
+                for mode, key in DELTA_KEYS.items():
+                    a[key].append(deltas[name][mode])
     table = []
     for a in acc.values():
         row = dict(a, uniform=min(k, a["N"]) / a["N"], k=k,
-                   **{key: float(torch.cat(a[key]).mean()) for key in ("share", "top_mass", "entropy", "dist", "qi")})
+                   **{key: float(torch.cat(a[key]).mean()) for key in stats})
         row["verdict"] = verdict(row)
         table.append(row)
     return table
@@ -396,13 +508,27 @@ def format_table(table, n_images=None, n_queries=None, generator=None):
     """Markdown table of layer_statistics; `generator` names the G that made the images (e.g. 'EMA G')."""
     k = table[0]["k"] if table else TOPK
     head = ("| layer | map | gamma | attn share | top-%d mass (uniform) | H/logN | mean dist px (uniform) "
-            "| query indep. | verdict |\n|---|---|---|---|---|---|---|---|---|\n" % k)
+            "| query indep. | verdict | Δ remove | Δ uniform | Δ mean row |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n" % k)
     lines = [f"| {r['name']} | {r['hw'][0]}x{r['hw'][1]} | {r['gamma']:+.4f} | {r['share']:.2%} | "
              f"{r['top_mass']:.1%} ({r['uniform']:.1%}) | {r['entropy']:.3f} | "
-             f"{r['dist']:.1f} ({r['dist_uniform']:.1f}) | {r['qi']:.3f} | {r['verdict']} |"
+             f"{r['dist']:.1f} ({r['dist_uniform']:.1f}) | {r['qi']:.3f} | {r['verdict']} | "
+             f"{r['ablation_delta']:.4f} | {r['uniform_delta']:.4f} | {r['mean_row_delta']:.4f} |"
              for r in table]
-    note = ""
+    note = ("\n\nΔ: mean absolute change when the layer's attention term is removed (gamma·o → 0), its "
+            "weights made uniform, or every query given the mean of all rows; of the generated image "
+            "(pixel values 0..1) for G layers, of D's score on the same images for D layers.")
     if n_images:
         by = f", images by the {generator}" if generator else ""
-        note = f"\n\n{n_images} generated images x {n_queries or 'all'} query cells per layer{by}."
+        note += f"\n\n{n_images} generated images x {n_queries or 'all'} query cells per layer{by}."
     return head + "\n".join(lines) + note
+
+
+def format_json(table, n_images=None, n_queries=None, generator=None):
+    """layer_statistics as JSON lines, one object per layer: `layer` (its name), `map` [H, W] and
+    every other number of the table under its layer_statistics key."""
+    meta = dict(n_images=n_images, n_queries=n_queries, generator=generator)
+    return "\n".join(json.dumps(dict(layer=r["name"], map=list(r["hw"]),
+                                      **{key: v for key, v in r.items() if key not in ("name", "hw")},
+                                      **meta))
+                     for r in table)

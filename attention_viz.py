@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from attention import (TOPK, attention_layers, attention_rows, cell_to_index, cell_to_pixel, check_layer,
-                       check_pixel, face_pixels, feature_image, format_table, gamma, key_saliency,
-                       layer_statistics, map_hw, map_stats, resolve_query, run_net, stats_text,
-                       to_image, topk_cells, upsample_map, z_for_seeds)
+                       check_pixel, contribution_rows, face_pixels, feature_image, format_table, gamma,
+                       intervene, key_saliency, layer_statistics, map_hw, map_stats, resolve_query,
+                       run_net, stats_text, to_image, topk_cells, upsample_map, z_for_seeds)
 from checkpoint import load_models
 
 QUERY_COLORS = ["red", "lime", "cyan", "magenta", "yellow", "orange", "white", "deepskyblue"]
@@ -234,6 +234,53 @@ def plot_saliency(image, saliency, title=None):
     return _finish(fig, axes, title)
 
 
+def plot_contribution(image, attn_map, contribution, cell, k=TOPK, upsample="nearest", input_norm=None,
+                      title=None):
+    """The raw weights next to what each key adds: for one query cell, the attention map and the
+    contribution map ||gamma * a_qk * v_k|| (attention.contribution_rows), both (H, W), over the
+    image with the query cross and each map's own top-k dots. `input_norm`, the norm of the layer's
+    input at the query, gives the contributions a scale. Returns (fig, {'weights', 'contribution'})."""
+    plt = _plt()
+    img_hw = image.shape[:2]
+    fig, row = plt.subplots(1, 2, figsize=(6.8, 3.9), squeeze=False)
+    axes = dict(zip(("weights", "contribution"), row[0]))
+    total = float(np.sum(contribution))
+    scale = "" if input_norm is None else f"\n(||x|| at the query: {input_norm:.3g})"
+    for name, m, label in (("weights", attn_map, f"attention weights a_qk\nquery cell ({cell[0]}, {cell[1]})"),
+                           ("contribution", contribution, f"||gamma a_qk v_k||, sum {total:.3g}{scale}")):
+        m = np.asarray(m, dtype=np.float32)
+        im = _overlay(axes[name], image, m, upsample)
+        _mark(axes[name], m, cell, img_hw, k)
+        fig.colorbar(im, ax=axes[name], fraction=0.046, pad=0.02)
+        axes[name].set_title(label, fontsize=9)
+    return _finish(fig, axes, title)
+
+
+def plot_intervention(image, changed, cell, map_hw, title=None):
+    """What an intervention at one query cell changes in the image: the image, the changed image
+    (both (h, w, 3) in [0, 1]) and |changed - image| averaged over colour channels, each with the
+    cross at the query cell's centre. Returns (fig, {'image', 'changed', 'diff'})."""
+    plt = _plt()
+    img_hw = image.shape[:2]
+    diff = np.abs(np.asarray(changed, dtype=np.float32) - np.asarray(image, dtype=np.float32)).mean(-1)
+    fig, row = plt.subplots(1, 3, figsize=(9.6, 3.7), squeeze=False)
+    axes = dict(zip(("image", "changed", "diff"), row[0]))
+    _show_image(axes["image"], image)
+    _show_image(axes["changed"], changed)
+    h, w = img_hw
+    # vmin 0: an intervention that changes nothing shows as black, not as stretched noise
+    im = axes["diff"].imshow(diff, extent=(0, w, h, 0), interpolation="nearest", cmap="magma", vmin=0,
+                             vmax=max(float(diff.max()), 1e-12), gid="heat")
+    axes["diff"].set_xlim(0, w), axes["diff"].set_ylim(h, 0)
+    fig.colorbar(im, ax=axes["diff"], fraction=0.046, pad=0.02)
+    for ax in axes.values():
+        draw_query(ax, cell_to_pixel(*cell, map_hw, img_hw))
+    axes["image"].set_title(f"image, query cell ({cell[0]}, {cell[1]})", fontsize=9)
+    axes["changed"].set_title("with the intervention", fontsize=9)
+    axes["diff"].set_title(f"|change|: mean {diff.mean():.2g}, max {diff.max():.2g}", fontsize=9)
+    return _finish(fig, axes, title)
+
+
 def save_figure(fig, path, dpi=100):
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     _plt().close(fig)
@@ -334,6 +381,35 @@ class Explorer:
         stats = map_stats(row, n, (H, W), self.img_hw, self.layers[name])
         return cell, row.reshape(H, W).numpy(), stats
 
+    def contribution(self, seed, name, pixel=None, cell=None, d_image=None):
+        """(cell, weights (H, W), contribution (H, W), ||x||) for one query of one layer: the
+        attention row and ||gamma * a_qk * v_k|| per key (attention.contribution_rows) as numpy
+        maps, and the norm of the layer's input at the query, the scale they add to."""
+        name = check_layer(name, self.layers)
+        f = self.features(seed, name, d_image)
+        H, W = f.shape[2:]
+        cell = resolve_query((H, W), self.img_hw, pixel, cell, name)
+        n = torch.tensor([cell_to_index(*cell, W)])
+        layer = self.layers[name]
+        weights = attention_rows(layer, f, n)[0, 0].reshape(H, W).cpu().numpy()
+        contrib = contribution_rows(layer, f, n)[0, 0].reshape(H, W).cpu().numpy()
+        return cell, weights, contrib, float(f[0, :, cell[0], cell[1]].norm())
+
+    def intervention(self, seed, name, pixel=None, cell=None, mode="uniform"):
+        """(cell, image, changed image), both (h, w, 3) in [0, 1]: seed's image with the attention
+        row of one query of G layer `name` replaced (attention.intervene: 'uniform', 'mean_row' or
+        'remove'), every other query and layer as trained."""
+        name = check_layer(name, self.layers)
+        if not name.startswith("G"):
+            raise ValueError(f"{name} is a discriminator layer: an intervention there changes D's score, "
+                             f"not the image (the table's delta columns measure it); pick a G layer")
+        H, W = map_hw(name)
+        cell = resolve_query((H, W), self.img_hw, pixel, cell, name)
+        z = z_for_seeds([seed], self.G.z_dim).to(self.device)
+        with torch.no_grad(), intervene(self.layers[name], mode, queries=[cell_to_index(*cell, W)]):
+            changed = self.G(z)[0]
+        return cell, self.image(seed), to_image(changed)
+
     def query_figure(self, seed=0, layer=None, pixel=None, cell=None, k=TOPK, upsample="nearest",
                      channel=None, d_image=None):
         layer = self.pick_layer(layer)
@@ -379,6 +455,22 @@ class Explorer:
         return plot_grid(images, maps, c, k, ncols, upsample=upsample,
                          titles=[f"seed {s}" for s in seeds],
                          title=self._title(f"{layer}, query cell ({c[0]}, {c[1]}) across images"))
+
+    def contribution_figure(self, seed=0, layer=None, pixel=None, cell=None, k=TOPK, upsample="nearest",
+                            d_image=None):
+        layer = self.pick_layer(layer)
+        cell, weights, contrib, x_norm = self.contribution(seed, layer, pixel, cell, d_image)
+        src = "real image" if d_image is not None and layer.startswith("D") else f"seed {seed}"
+        return plot_contribution(self.image(seed, layer, d_image), weights, contrib, cell, k, upsample, x_norm,
+                                 title=self._title(f"{layer}, {src}: weights and what each key adds"))
+
+    def intervention_figure(self, seed=0, layer=None, pixel=None, cell=None, mode="uniform"):
+        layer = self.pick_layer(layer)
+        cell, image, changed = self.intervention(seed, layer, pixel, cell, mode)
+        what = dict(uniform="replaced by uniform weights", mean_row="replaced by the mean row",
+                    remove="removed")[mode]
+        return plot_intervention(image, changed, cell, map_hw(layer),
+                                 title=self._title(f"{layer}, seed {seed}: the query's attention {what}"))
 
     def saliency_figure(self, seed=0, layers=None):
         _, feats = self.run(seed)

@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+import seed_formats
 from cli import UserError, reason
 from sagan_models import Discriminator, Generator
 
@@ -196,10 +197,11 @@ def saved_steps(run_dir):
     return [step for step, _ in _step_files(run_dir)]
 
 
-def load_checkpoint(path, map_location="cpu", training=False):
+def load_checkpoint(path, map_location="cpu", training=False, seed_files=False):
     """Load a checkpoint dict with weights_only=True and check that it is one this project wrote
     (with `training`, one a run can resume from); every failure is a one-line CheckpointError
-    naming the file."""
+    naming the file. seed_files: a bare state dict (a seed repository's generator file) is
+    returned too, for load_models to map (seed_formats.py)."""
     if not os.path.isfile(path):
         what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
         raise CheckpointError(f"checkpoint {path!r} {what}")
@@ -226,6 +228,8 @@ def load_checkpoint(path, map_location="cpu", training=False):
         # KeyError, UnicodeDecodeError, ...); none of it is a bug of ours, and nothing in the file ran
         raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated ({reason(e, 120)}); "
                               f"use another checkpoint, e.g. an earlier ckpt_*.pt of the run") from None
+    if seed_files and seed_formats.is_state_dict(ckpt):
+        return ckpt
     check_contents(ckpt, path, training)
     return ckpt
 
@@ -245,7 +249,8 @@ def check_contents(ckpt, path, training=False):
     rather than failing with a TypeError half way through rebuilding a network or resuming."""
     if not isinstance(ckpt, dict) or not ("G" in ckpt or "G_ema" in ckpt) or "model_args" not in ckpt:
         raise CheckpointError(f"{path!r} is not a checkpoint of this project (no 'G' / 'model_args'); "
-                              f"seed-repo '*_G.pth' files hold only a state dict of another architecture")
+                              f"a seed repository's '<step>_G.pth' / '<step>-G.ckpt' opens with "
+                              f"load_models and the explorer, but cannot be resumed or exported")
     missing = [k for k in TRAINING_STATE if k not in ckpt] if training else []
     if missing:
         raise CheckpointError(f"{path!r} holds no {' / '.join(map(repr, missing))}: it can be explored but "
@@ -318,10 +323,13 @@ class Models(NamedTuple):
     step: Optional[int]
     ema: bool                   # G holds the EMA weights (G_ema)
     config: dict                # the run's config, as saved
+    source: Optional[str] = None  # the seed repository that saved a seed-format file
 
     @property
     def generator(self):
         """How messages, figure titles and tables name the G they show."""
+        if self.source:
+            return f"G of {self.source}"
         return "EMA G" if self.ema else "raw G"
 
 
@@ -331,10 +339,13 @@ def load_models(path, device="cpu", ema=True, with_d=False, verbose=True):
 
     G holds the EMA generator's weights when the checkpoint has them and `ema` is true (the better
     samples, and the generator the run's sample grids and dashboard showed), the raw trained G
-    otherwise; says which unless `verbose` is false. D only `with_d`. Every failure is a one-line
-    CheckpointError naming the file.
+    otherwise; says which unless `verbose` is false. D only `with_d`; with_d=None: D when the file
+    has one. A generator file of a seed repository opens too, as its G (seed_formats.py). Every
+    failure is a one-line CheckpointError naming the file.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, seed_files=True)
+    if seed_formats.is_state_dict(ckpt):
+        return _seed_models(path, ckpt, device, with_d, verbose)
     config, step = ckpt.get("config", {}), ckpt.get("step")
     use_ema = ema and "G_ema" in ckpt
     if not use_ema and "G" not in ckpt:
@@ -344,6 +355,7 @@ def load_models(path, device="cpu", ema=True, with_d=False, verbose=True):
         raise CheckpointError(f"{path!r} holds no discriminator: open it without the D layers "
                               f"(--with_d / --d_image / with_d=True need a training checkpoint)")
     G = _rebuild(path, ckpt, Generator, "G", "G_ema" if use_ema else "G").to(device)
+    with_d = with_d or with_d is None and "D" in ckpt
     D = _rebuild(path, ckpt, Discriminator, "D", "D").to(device) if with_d else None
     if verbose:
         if use_ema:
@@ -353,6 +365,21 @@ def load_models(path, device="cpu", ema=True, with_d=False, verbose=True):
             print(f"{path}: raw generator weights" + ("" if ema else " (EMA not requested)")
                   + ("" if "G_ema" in ckpt else " (no EMA in this checkpoint)"))
     return Models(G, D, step, use_ema, config)
+
+
+def _seed_models(path, state, device, with_d, verbose):
+    """load_models for a seed repository's generator file: its G, spectral norm folded in."""
+    try:
+        G, source = seed_formats.to_generator(state)
+    except seed_formats.NotASeedGenerator as e:
+        raise CheckpointError(f"{path!r} is {e}") from None
+    if with_d:
+        raise CheckpointError(f"{path!r} is a generator saved by {source} and holds no discriminator: "
+                              f"open it without the D layers (--with_d / --d_image / with_d=True)")
+    if verbose:
+        print(f"{path}: the generator of {source} (z_dim {G.z_dim}; its spectral norm folded into the "
+              f"weights, no EMA)")
+    return Models(G.to(device), None, seed_formats.step_from_name(path), False, {}, source)
 
 
 def load_generator(path, device="cpu", ema=True, verbose=True):

@@ -103,23 +103,27 @@ class Self_Attn(nn.Module):
     Rows are queries, columns keys, both flattened row-major: attention[b, i*W + j, k*W + l] is the
     weight query position (i, j) puts on key position (k, l).
 
+    With spectral_norm=False the three projections are plain convolutions (a seed repository's
+    generator, whose attention was never normalised; see seed_formats.py).
+
     Training calls it with return_attn=False: the output then comes from a fused kernel and the N x N
     map is never materialised (except on CPU for maps of at most CPU_EXPLICIT_MAX_N positions, where
     the explicit map is small and faster; see attention_output). `queries` (a LongTensor of flattened query indices, shape (Q,)) asks
     for just those rows, (B, Q, N), next to the fused output.
     """
 
-    def __init__(self, in_dim):
+    def __init__(self, in_dim, spectral_norm=True):
         super().__init__()
         self.in_dim = in_dim
-        self.query_conv = SN(nn.Conv2d(in_dim, max(in_dim // 8, 1), 1))
-        self.key_conv = SN(nn.Conv2d(in_dim, max(in_dim // 8, 1), 1))
-        self.value_conv = SN(nn.Conv2d(in_dim, in_dim, 1))
+        sn = SN if spectral_norm else _plain
+        self.query_conv = sn(nn.Conv2d(in_dim, max(in_dim // 8, 1), 1))
+        self.key_conv = sn(nn.Conv2d(in_dim, max(in_dim // 8, 1), 1))
+        self.value_conv = sn(nn.Conv2d(in_dim, in_dim, 1))
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def project(self, x):
-        """q, k: (B, C', N) and v: (B, C, N), from one 1x1 convolution with the three (spectrally
-        normalised) weights stacked: one pass over x instead of three."""
+        """q, k: (B, C', N) and v: (B, C, N), from one 1x1 convolution with the three (effective,
+        spectrally normalised where they are) weights stacked: one pass over x instead of three."""
         convs = (self.query_conv, self.key_conv, self.value_conv)
         weight = torch.cat([c.weight for c in convs])  # (2C' + C, C, 1, 1)
         bias = torch.cat([c.bias for c in convs])
@@ -144,6 +148,11 @@ class Self_Attn(nn.Module):
         return out, attention
 
 
+def _plain(layer):
+    """`layer` as it is: what SN is replaced by where a network has no spectral norm."""
+    return layer
+
+
 def _ladder(net, x, return_attn, queries):
     """Run `net`'s blocks, each followed by its attention layer where it has one: (x, {res: map})."""
     maps = {}
@@ -159,31 +168,37 @@ class Generator(nn.Module):
     """z (B, z_dim) -> image (B, 3, imsize, imsize) in [-1, 1].
 
     Transposed convs with BatchNorm + ReLU from 4x4 up, a tanh output; Self_Attn after the blocks
-    whose output resolution is in `attn_res`.
+    whose output resolution is in `attn_res`. spectral_norm=False builds every layer without it:
+    the form a seed repository's generator is loaded into, its normalisation folded into the
+    weights (seed_formats.py); this project trains with it on.
     """
 
-    def __init__(self, image_size=64, z_dim=128, conv_dim=64, attn_res=(16, 32)):
+    def __init__(self, image_size=64, z_dim=128, conv_dim=64, attn_res=(16, 32), spectral_norm=True):
         super().__init__()
         self.image_size, self.z_dim, self.conv_dim = image_size, z_dim, conv_dim
+        self.spectral_norm = spectral_norm
+        sn = SN if spectral_norm else _plain
         self.attn_res = sorted(attn_res)
         check_attn(image_size, self.attn_res, "g")
         self.resolutions = g_resolutions(image_size)
         ch = [_channels(conv_dim, image_size, r) for r in self.resolutions]
 
-        blocks = [nn.Sequential(SN(nn.ConvTranspose2d(z_dim, ch[0], 4)),       # 1x1 -> 4x4
+        blocks = [nn.Sequential(sn(nn.ConvTranspose2d(z_dim, ch[0], 4)),       # 1x1 -> 4x4
                                 nn.BatchNorm2d(ch[0]), nn.ReLU())]
         for c_in, c_out in zip(ch, ch[1:]):
-            blocks.append(nn.Sequential(SN(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)),  # r -> 2r
+            blocks.append(nn.Sequential(sn(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)),  # r -> 2r
                                         nn.BatchNorm2d(c_out), nn.ReLU()))
         self.blocks = nn.ModuleList(blocks)
-        self.attn = nn.ModuleDict({str(r): Self_Attn(c) for r, c in zip(self.resolutions, ch)
-                                   if r in self.attn_res})
-        self.last = nn.Sequential(SN(nn.ConvTranspose2d(ch[-1], 3, 4, 2, 1)), nn.Tanh())
+        self.attn = nn.ModuleDict({str(r): Self_Attn(c, spectral_norm)
+                                   for r, c in zip(self.resolutions, ch) if r in self.attn_res})
+        self.last = nn.Sequential(sn(nn.ConvTranspose2d(ch[-1], 3, 4, 2, 1)), nn.Tanh())
 
     def model_args(self):
-        """The arguments that rebuild this network: Generator(**g.model_args())."""
-        return dict(image_size=self.image_size, z_dim=self.z_dim, conv_dim=self.conv_dim,
+        """The arguments that rebuild this network: Generator(**g.model_args()). spectral_norm is
+        named only when off, so checkpoints of the trained architecture keep their old model_args."""
+        args = dict(image_size=self.image_size, z_dim=self.z_dim, conv_dim=self.conv_dim,
                     attn_res=list(self.attn_res))
+        return args if self.spectral_norm else dict(args, spectral_norm=False)
 
     def forward(self, z, return_attn=False, queries=None):
         """With return_attn, returns (image, {resolution: attention}); `queries` maps a resolution

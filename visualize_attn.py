@@ -5,26 +5,31 @@ checkpoint, headless (PNG out, no display needed).
     python visualize_attn.py --checkpoint models/quick/latest.pt --view layers --pixel 12,10 --out layers.png
     python visualize_attn.py --checkpoint models/quick/latest.pt --view grid --seeds 0-7 --out grid.png
     python visualize_attn.py --checkpoint models/quick/latest.pt --table
+    python visualize_attn.py --checkpoint models/quick/latest.pt --table --json    # JSON lines
 
 Views: query (the seed README's figure for one layer), layers (every layer side by side), queries
 (several colour-coded queries, the SAGAN paper's Figure 1), grid (one query across many images),
-saliency (attention each key receives). A query is an image pixel --pixel X,Y (x right, y down,
-from 0) or a feature cell of --layer, --cell ROW,COL. The generator shown is the EMA one when the
+saliency (attention each key receives), contribution (the weights next to what each key adds to
+the query's output), intervene (what changes in the image when one query's attention is replaced).
+A query is an image pixel --pixel X,Y (x right, y down, from 0) or a feature cell of --layer,
+--cell ROW,COL. The generator shown is the EMA one when the
 checkpoint has it (as in the run's samples), the raw G with --raw_g; every output says which.
 """
 import argparse
+import contextlib
 import os
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: never needs a display
 
 import attention_viz as av  # noqa: E402
-from attention import TOPK, load_image  # noqa: E402
+from attention import INTERVENTIONS, TOPK, format_json, load_image  # noqa: E402
 from checkpoint import find_checkpoint  # noqa: E402
 from cli import Parser, UserError, run  # noqa: E402
 
-VIEWS = ("query", "layers", "queries", "grid", "saliency")
+VIEWS = ("query", "layers", "queries", "grid", "saliency", "contribution", "intervene")
 
 
 def int_pair(text):
@@ -51,13 +56,16 @@ def seed_list(text):
 def build_parser():
     p = Parser(prog="visualize_attn.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--checkpoint", help="a checkpoint of this project, e.g. models/quick/latest.pt (default: "
+    a("--checkpoint", help="a checkpoint of this project, e.g. models/quick/latest.pt, or a seed "
+                            "repository's 64px <step>_G.pth / <step>-G.ckpt (default: "
                             "$SAGAN_CHECKPOINT, else the newest run under models/, else the showcase "
                             "model in assets/)")
     a("--out", help="PNG file for the figure (not needed with --table alone)")
     a("--view", choices=VIEWS, default="query",
       help="query: one layer, the seed's figure; layers: every layer; queries: several colour-coded "
-           "queries (one --pixel each); grid: one query across --seeds; saliency: attention received")
+           "queries (one --pixel each); grid: one query across --seeds; saliency: attention received; "
+           "contribution: weights and ||gamma a v|| per key; intervene: the image with the query's "
+           "attention changed (--intervention)")
     a("--seed", type=int, default=0, help="seed of the generated image (z = randn from this seed)")
     a("--seeds", type=seed_list, default=list(range(8)), help="images of --view grid, e.g. 0-7")
     a("--layer", help="attention layer, e.g. G16 or D8 (default: the generator's largest)")
@@ -67,6 +75,9 @@ def build_parser():
     a("--topk", type=int, default=TOPK, help="top attended locations marked")
     a("--upsample", choices=["nearest", "bilinear"], default="nearest",
       help="map over the image: nearest = the layer's true blocks (default), bilinear = smooth")
+    a("--intervention", choices=INTERVENTIONS, default="uniform",
+      help="--view intervene: the query's attention row made uniform (default), the mean of all rows, "
+           "or its attention term removed")
     a("--channel", type=int, help="feature panel shows this channel (default: mean over channels)")
     a("--raw_g", action="store_true", help="show the raw G, not the EMA generator")
     a("--with_d", action="store_true", help="include the discriminator's attention layers")
@@ -76,6 +87,8 @@ def build_parser():
     a("--table_images", type=int, default=16, help="generated images for --table")
     a("--table_queries", type=int, default=64, help="random query cells per layer for --table")
     a("--table_out", help="also write the --table markdown to this file")
+    a("--json", action="store_true", help="print the --table as JSON lines, one object per layer "
+                                          "(stdout then holds only them; other lines go to stderr)")
     a("--dpi", type=int, default=100)
     a("--device", default="cpu", help="cpu, cuda or auto")
     return p
@@ -84,6 +97,8 @@ def build_parser():
 def check_args(args):
     if not args.out and not args.table:
         raise UserError("nothing to do: give --out FILE.png for a figure and/or --table")
+    if args.json and not args.table:
+        raise UserError("--json prints the table: add --table")
     for name in ("topk", "table_images", "table_queries", "dpi"):
         if getattr(args, name) < (0 if name == "topk" else 1):
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -115,6 +130,11 @@ def make_figure(ex, args, d_image):
     if args.view == "grid":
         return ex.grid_figure(args.seeds, args.layer, pixel, args.cell, args.topk,
                               upsample=args.upsample)
+    if args.view == "contribution":
+        return ex.contribution_figure(args.seed, args.layer, pixel, args.cell, args.topk, args.upsample,
+                                      d_image)
+    if args.view == "intervene":
+        return ex.intervention_figure(args.seed, args.layer, pixel, args.cell, args.intervention)
     return ex.saliency_figure(args.seed)
 
 
@@ -122,28 +142,33 @@ def main(argv=None):
     """The figure and/or the table the arguments ask for, from one checkpoint."""
     args = build_parser().parse_args(argv)
     check_args(args)
+    stdout = sys.stdout  # with --json it holds only the JSON lines: everything else said goes to stderr
     try:
-        from utils import pick_device
-        device = pick_device(args.device)
-        args.checkpoint, why = find_checkpoint(args.checkpoint)
-        if why != "given":
-            print(f"checkpoint: {args.checkpoint} ({why})")
-        ex = av.Explorer.from_checkpoint(args.checkpoint, device, with_d=args.with_d or bool(args.d_image),
-                                         ema=not args.raw_g)
-        if not ex.layers:
-            raise UserError(f"{args.checkpoint!r} has no attention layers (trained with --g_attn none)")
-        d_image = load_image(args.d_image, ex.imsize, args.center_crop) if args.d_image else None
-        print(ex.describe())
-        if args.out:
-            fig, _ = make_figure(ex, args, d_image)
-            av.save_figure(fig, args.out, dpi=args.dpi)
-            print(f"wrote {args.out}")
-        if args.table:
-            text, _ = ex.table(args.table_images, args.table_queries)
-            print(text)
-            if args.table_out:
-                with open(args.table_out, "w") as f:
-                    f.write(text + "\n")
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            from utils import pick_device
+            device = pick_device(args.device)
+            args.checkpoint, why = find_checkpoint(args.checkpoint)
+            if why != "given":
+                print(f"checkpoint: {args.checkpoint} ({why})")
+            ex = av.Explorer.from_checkpoint(args.checkpoint, device, with_d=args.with_d or bool(args.d_image),
+                                             ema=not args.raw_g)
+            if not ex.layers:
+                raise UserError(f"{args.checkpoint!r} has no attention layers (trained with --g_attn none)")
+            d_image = load_image(args.d_image, ex.imsize, args.center_crop) if args.d_image else None
+            print(ex.describe())
+            if args.out:
+                fig, _ = make_figure(ex, args, d_image)
+                av.save_figure(fig, args.out, dpi=args.dpi)
+                print(f"wrote {args.out}")
+            if args.table:
+                text, table = ex.table(args.table_images, args.table_queries)
+                if args.json:
+                    print(format_json(table, args.table_images, args.table_queries, ex.generator), file=stdout)
+                else:
+                    print(text)
+                if args.table_out:
+                    with open(args.table_out, "w") as f:
+                        f.write(text + "\n")
     except ValueError as e:  # the explorer's checks: a query off the map, an unknown layer, ...
         raise UserError(str(e)) from None
 

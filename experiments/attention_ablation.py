@@ -23,13 +23,12 @@ What it measures (experiments/eye_metrics.py has the definitions):
   step agreement rises above chance (its 95% interval above zero).
 - attention: the mass a query at one eye puts on the other eye, and on a control region the same
   distance away that holds no eye in any built-in face, both over uniform attention, and their ratio.
-- the causal test: eye agreement with one attention layer's term removed at inference (its gamma set
-  to 0 in a copy of G: the layer passes its input through), and with all of them removed.
+- the causal test: eye agreement with one attention layer's term removed at inference (attention's
+  layers_removed: the layer passes its input through, as with gamma 0), and with all of them removed.
 Uncertainty: 95% bootstrap intervals over generated faces (resampled within each seed) and the
 seeds' min-max. Written to <out>/results.md and <out>/results.json, with figures of where the eye
 query looks (attention_viz.Explorer) for one checkpoint of each arm with attention.
 """
-import copy
 import itertools
 import json
 import os
@@ -42,7 +41,7 @@ import matplotlib
 import numpy as np
 import torch
 
-from attention import INERT_SHARE, attention_layers, face_pixels, map_hw, pixel_queries
+from attention import INERT_SHARE, attention_layers, face_pixels, layers_removed, map_hw, pixel_queries
 from attention_viz import Explorer, save_figure
 from checkpoint import ckpt_name, load_generator, saved_steps
 from cli import Parser, UserError, run
@@ -176,17 +175,6 @@ def agreement(G, z, layout, tol):
     return eye_agreement(eye_colours(generated_faces(G, z), layout), tol)
 
 
-def without_attention(G, names):
-    """A copy of G in which the attention layers `names` add nothing: gamma 0, so the layer's
-    out = gamma * attention_output + x is its input x. G itself is untouched."""
-    G = copy.deepcopy(G)
-    layers = attention_layers(G)
-    with torch.no_grad():
-        for name in names:
-            layers[name].gamma.zero_()
-    return G
-
-
 def score_run(args, arm, seed, layout):
     """Scores of one run's checkpoint at --steps: per-face arrays, intact, per layer removed and
     all removed; the eye queries' attention; and the series of earlier checkpoints."""
@@ -198,7 +186,8 @@ def score_run(args, arm, seed, layout):
                attention=eye_attention(G, z[:ATTN_IMAGES], layout) if names else {})
     for removed in [[n] for n in names] + ([names] if len(names) > 1 else []):
         key = removed[0] if len(removed) == 1 else "all"
-        out["removed"][key] = agreement(without_attention(G, removed), z, layout, args.tol)
+        with layers_removed(G, removed):
+            out["removed"][key] = agreement(G, z, layout, args.tol)
     zs = fixed_z(args.series_samples, G.z_dim)
     out["series"] = []
     for step in saved_steps(folder):

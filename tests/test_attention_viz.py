@@ -1,5 +1,6 @@
 """attention_viz: geometry, extraction and statistics against the model's own full maps, and planted
 attention peaks that every figure must mark at the right pixel (non-square maps included)."""
+import json
 import math
 
 import matplotlib
@@ -11,7 +12,7 @@ import torch  # noqa: E402
 
 import attention as at  # noqa: E402
 import attention_viz as av  # noqa: E402
-from sagan_models import Discriminator, Generator  # noqa: E402
+from sagan_models import Discriminator, Generator, Self_Attn  # noqa: E402
 
 
 
@@ -318,3 +319,173 @@ def test_explorer_takes_queries_as_pixels_or_cells_and_agrees():
     torch.manual_seed(0)
     with_d = av.Explorer(tiny_g(), Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval())
     assert list(with_d.layers) == ["G8", "G16", "D8", "D4"] and with_d.pick_layer() == "G16"
+
+
+# ----------------------------------------------------------------------------- interventions
+
+def self_attn(C=16, gamma=0.7, seed=0):
+    torch.manual_seed(seed)
+    layer = Self_Attn(C).eval()
+    layer.gamma.data.fill_(gamma)
+    return layer
+
+
+def explicit_output(layer, x, attention):
+    """The layer's formula by hand for a given (B, N, N) map: gamma * v attention^T + x."""
+    B, C, H, W = x.shape
+    v = layer.project(x)[2]                                       # (B, C, N)
+    return layer.gamma * torch.bmm(v, attention.transpose(1, 2)).reshape(B, C, H, W) + x
+
+
+def test_remove_gives_the_network_with_that_gamma_at_zero():
+    G = tiny_g(gamma=0.5)
+    z = at.z_for_seeds([0, 1], G.z_dim)
+    with torch.no_grad():
+        img = G(z)
+        for res in ("8", "16"):
+            zeroed = tiny_g(gamma=0.5)
+            zeroed.attn[res].gamma.data.zero_()
+            with at.intervene(G.attn[res], "remove"):
+                assert torch.equal(G(z), zeroed(z)), res
+            assert not torch.equal(img, zeroed(z))                 # the layer did something
+        assert torch.equal(G(z), img)                              # nothing left behind
+
+
+@pytest.mark.parametrize("return_attn", [True, False])  # the explicit map and the fused path
+def test_uniform_and_mean_row_equal_the_explicit_computation(return_attn):
+    layer = self_attn()
+    x = torch.randn(2, 16, 4, 8) * 3                               # non-square: 4 rows, 8 columns
+    N = 32
+    with torch.no_grad():
+        out, full = layer(x)
+        uniform = torch.full((2, N, N), 1 / N)
+        mean_row = full.mean(1, keepdim=True).expand(2, N, N)
+        for mode, attention in (("uniform", uniform), ("mean_row", mean_row)):
+            with at.intervene(layer, mode):
+                got, maps = layer(x, return_attn=return_attn)
+            assert torch.allclose(got, explicit_output(layer, x, attention), atol=1e-5), mode
+            assert maps is None if not return_attn else torch.allclose(maps, attention, atol=1e-6)
+            # one query: only its position changes, to what the explicit map gives there
+            n, (i, j) = 13, at.index_to_cell(13, 8)
+            idx = torch.tensor([n, 2])
+            own, own_rows = layer(x, return_attn=True, queries=idx)
+            with at.intervene(layer, mode, queries=[n]):
+                got, rows = layer(x, return_attn=True, queries=idx)
+            ref = explicit_output(layer, x, attention)
+            assert torch.allclose(got[:, :, i, j], ref[:, :, i, j], atol=1e-5)
+            changed = (got != own).any(1)                          # (B, H, W)
+            assert changed[:, i, j].all() and changed.sum() == 2
+            assert torch.allclose(rows[:, 0], attention[:, n], atol=1e-6)
+            assert torch.equal(rows[:, 1], own_rows[:, 1])
+        assert full.max() > 4 / N                                  # not uniform already
+        with at.intervene(layer, "remove"):
+            assert torch.equal(layer(x)[0], x)
+
+
+def test_mean_row_changes_nothing_where_every_query_has_the_same_map():
+    layer = self_attn()
+    # x varies across positions only in channel 0, which the query projection ignores: q is the
+    # same at every position, so every row is softmax(q . k) over the same keys
+    layer.query_conv.parametrizations.weight.original.data[:, 0] = 0
+    x = torch.randn(2, 16, 1, 1).expand(2, 16, 4, 8).clone()
+    x[:, 0] = torch.randn(2, 4, 8) * 5
+    with torch.no_grad():
+        out, full = layer(x)
+        assert torch.allclose(full, full[:, :1].expand_as(full), atol=1e-6)  # identical rows ...
+        assert full.max() > 4 / 32                                             # ... and not uniform
+        with at.intervene(layer, "mean_row"):
+            got, maps = layer(x)
+    assert torch.allclose(got, out, atol=1e-6) and torch.allclose(maps, full, atol=1e-6)
+    with pytest.raises(ValueError, match="remove, uniform, mean_row"):
+        with at.intervene(layer, "zero"):
+            pass
+
+
+def test_deltas_are_zero_exactly_where_gamma_is_zero():
+    G = tiny_g(gamma=0.5)
+    G.attn["8"].gamma.data.zero_()
+    torch.manual_seed(0)
+    D = Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval()
+    D.attn["8"].gamma.data.fill_(0.5)                              # D4 stays at its initial 0
+    table = {r["name"]: r for r in at.layer_statistics(G, [0, 1], n_queries=4, D=D)}
+    for name in ("G8", "D4"):
+        assert [table[name][key] for key in at.DELTA_KEYS.values()] == [0, 0, 0], name
+    for name in ("G16", "D8"):
+        assert all(table[name][key] > 0 for key in at.DELTA_KEYS.values()), name
+    assert [table[n]["delta_of"] for n in table] == ["image", "image", "D score", "D score"]
+    text = at.format_table(list(table.values()), 2, 4)
+    assert "| Δ remove | Δ uniform | Δ mean row |" in text and "| 0.0000 | 0.0000 | 0.0000 |" in text
+    lines = at.format_json(list(table.values()), 2, 4).splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["layer"] for r in rows] == ["G8", "G16", "D8", "D4"]
+    assert rows[1]["ablation_delta"] == table["G16"]["ablation_delta"] and rows[1]["gamma"] == 0.5
+
+
+def test_one_querys_uniform_row_changes_only_the_pixels_its_cell_feeds():
+    ex = av.Explorer(tiny_g())
+    cell, image, changed = ex.intervention(0, "G16", cell=(5, 9))
+    assert cell == (5, 9) and np.array_equal(image, ex.image(0))
+    # after G16 only the last transposed conv (kernel 4, stride 2): cell (i, j) feeds pixels
+    # 2i-1 .. 2i+2 in each direction
+    ys, xs = np.nonzero(np.abs(changed - image).max(-1))
+    assert len(ys) and set(ys) <= set(range(9, 13)) and set(xs) <= set(range(17, 21))
+    with pytest.raises(ValueError, match="D's score"):
+        av.Explorer(tiny_g(), Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval()).intervention(0, "D8", cell=(0, 0))
+
+
+def test_intervention_figure_marks_the_query_and_shows_the_change_where_it_is():
+    changed = IMG.copy()
+    i, j = PEAK
+    changed[i * 8:(i + 1) * 8, j * 4:(j + 1) * 4] += 0.25       # the block of cell PEAK of a 4x8 map
+    fig, axes = av.plot_intervention(IMG, changed, QUERY, MAP_HW)
+    for ax in axes.values():
+        assert tuple(ax.get_images()[0].get_extent()) == (0, 32, 32, 0)
+        assert query_xy(ax) == pytest.approx(at.cell_to_pixel(*QUERY, MAP_HW, (32, 32)))
+    d = heat(axes["diff"])
+    assert block_centre(d.get_array(), d.get_extent()) == pytest.approx(at.cell_to_pixel(*PEAK, MAP_HW, (32, 32)))
+    assert np.asarray(d.get_array()).max() == pytest.approx(0.25)
+    matplotlib.pyplot.close(fig)
+
+
+# ----------------------------------------------------------------------------- contribution maps
+
+def test_contribution_is_gamma_times_weight_times_value_norm_and_sees_a_planted_value():
+    layer = self_attn(gamma=-0.6)                                   # |gamma|: a norm is not negative
+    x = torch.randn(1, 16, 4, 8)
+    # a direction of the input that q and k ignore: planted at one key it leaves every attention
+    # weight as it was and makes that key's value vector large
+    qk = torch.cat([layer.query_conv.weight, layer.key_conv.weight])[:, :, 0, 0]  # (2C', C)
+    blind = torch.linalg.svd(qk).Vh[-1]                             # (C,), qk @ blind = 0
+    planted = x.clone()
+    key = 21
+    planted[0, :, key // 8, key % 8] += 1000 * blind
+    queries = torch.tensor([0, 13, 31])
+    with torch.no_grad():
+        weights = at.attention_rows(layer, planted, queries)        # (1, Q, N)
+        assert torch.allclose(weights, at.attention_rows(layer, x, queries), atol=1e-5)
+        got = at.contribution_rows(layer, planted, queries)
+        q, k, v = layer.project(planted)                            # (1, C', N), (1, C', N), (1, C, N)
+        gamma = layer.gamma.detach()
+    for a, n in enumerate(queries.tolist()):
+        energy = torch.tensor([float(q[0, :, n] @ k[0, :, m]) for m in range(32)])
+        alpha = torch.softmax(energy, 0)
+        brute = torch.tensor([float(torch.linalg.vector_norm(gamma * alpha[m] * v[0, :, m]))
+                              for m in range(32)])
+        assert torch.allclose(got[0, a], brute, rtol=1e-4, atol=1e-7), n
+        assert int(got[0, a].argmax()) == key != int(weights[0, a].argmax())
+
+
+def test_contribution_figure_marks_each_maps_own_peak():
+    weights = planted_map(*MAP_HW, PEAK, SECOND)
+    contrib = planted_map(*MAP_HW, SECOND, PEAK)                    # the value norms swap the order
+    fig, axes = av.plot_contribution(IMG, weights, contrib, QUERY, k=3)
+    expect_marks(axes["weights"], weights, (32, 32), 3)
+    assert query_xy(axes["contribution"]) == pytest.approx(at.cell_to_pixel(*QUERY, MAP_HW, (32, 32)))
+    offsets, _ = topk_dots(axes["contribution"])
+    assert tuple(offsets[0]) == pytest.approx(at.cell_to_pixel(*SECOND, MAP_HW, (32, 32)))
+    matplotlib.pyplot.close(fig)
+    ex = av.Explorer(tiny_g())
+    cell, w, c, x_norm = ex.contribution(0, "G16", pixel=(13, 6))
+    assert cell == (3, 6) and np.array_equal(w, ex.query(0, "G16", cell=cell)[1])
+    assert not np.allclose(c / c.sum(), w)                          # the values reweigh the keys
+    assert x_norm == pytest.approx(float(ex.features(0, "G16")[0, :, 3, 6].norm()))

@@ -63,7 +63,9 @@ def test_cli_writes_every_view_headless(checkpoint, tmp_path, capsys):
     assert is_png(out) and "G8 (8, 8)" in r.stdout
     views = [("layers", "--pixel", "3,3", "--with_d"), ("queries", "--pixel", "1,1", "--pixel", "30,30"),
              ("grid", "--seeds", "0-3", "--cell", "2,2", "--layer", "G8"), ("saliency",),
-             ("query", "--cell", "15,0", "--upsample", "bilinear", "--channel", "3", "--topk", "3")]
+             ("query", "--cell", "15,0", "--upsample", "bilinear", "--channel", "3", "--topk", "3"),
+             ("contribution", "--pixel", "5,20", "--with_d", "--layer", "D8"),
+             ("intervene", "--layer", "G8", "--cell", "2,2"), ("intervene", "--intervention", "mean_row")]
     for view, *extra in views:
         png = tmp_path / f"{view}.png"
         assert cli("--checkpoint", checkpoint, "--out", png, "--view", view, *extra) == (0, ""), view
@@ -78,6 +80,19 @@ def test_cli_table_lists_every_layer(checkpoint, tmp_path, capsys):
     for name in ("G8", "G16", "D8", "D4"):
         assert f"| {name} |" in text
     assert "3 generated images x 5 query cells" in text and text.strip() in capsys.readouterr().out
+    assert "| verdict | Δ remove | Δ uniform | Δ mean row |" in text
+
+
+def test_cli_table_as_json_lines(checkpoint, capsys):
+    assert cli("--checkpoint", checkpoint, "--table", "--json", "--with_d", "--table_images", "2",
+               "--table_queries", "4") == (0, "")
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]   # stdout holds nothing else
+    assert [r["layer"] for r in rows] == ["G8", "G16", "D8", "D4"]
+    for r in rows:
+        assert {"gamma", "ablation_delta", "uniform_delta", "mean_row_delta", "delta_of", "verdict"} <= set(r)
+        assert r["ablation_delta"] >= 0 and r["n_images"] == 2
+    assert "32px generator at step 4" in err                   # what else it says goes to stderr
 
 
 @pytest.mark.skipif(not os.path.isdir(CELEBA), reason="real CelebA sample not present")
@@ -113,6 +128,9 @@ def test_cli_bad_inputs_are_one_line_errors(checkpoint, tmp_path):
         (("--checkpoint", checkpoint, "--out", out, "--layer", "G8", "--cell", "8,0"), "outside the 8x8 map"),
         (("--checkpoint", checkpoint, "--out", tmp_path / "no" / "x.png"), "does not exist"),
         (("--checkpoint", checkpoint), "nothing to do"),
+        (("--checkpoint", checkpoint, "--out", out, "--json"), "add --table"),
+        (("--checkpoint", checkpoint, "--out", out, "--view", "intervene", "--with_d", "--layer", "D4"),
+         "pick a G layer"),
     ]
     for args, expected in cases:
         code, message = cli(*args)
@@ -226,7 +244,7 @@ def test_notebook_executes_headless(checkpoint, tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs)
     assert "32px generator at step 4, z_dim 16" in text
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(pngs) >= 6  # five figures and the explorer's still image
+    assert len(pngs) >= 8  # seven figures and the explorer's still image
     table = [o for o in outputs if "text/markdown" in o.get("data", {})]
     assert table and "| G16 |" in table[0]["data"]["text/markdown"]
     explorer = nb.cells[-1].outputs
