@@ -2,19 +2,24 @@
 
 A checkpoint holds the config, both networks' architecture arguments and weights, the EMA generator
 (`G_ema`, when kept), both optimizers, the step and every RNG state, so a Generator can be rebuilt from the file alone and a run resumed
-exactly. `latest.pt` is a hard link to the newest complete checkpoint, swapped in by rename.
+exactly. `latest.pt` is a hard link to the newest complete checkpoint, swapped in by rename. One
+training process at a time holds a run folder (`RunLock`).
 """
+import fcntl
 import os
 import pickle
 import re
 import shutil
-import zipfile
+import socket
+import sys
+import time
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
 
 import seed_formats
-from cli import UserError
+from cli import UserError, reason
 from sagan_models import Discriminator, Generator
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -92,6 +97,58 @@ def remove_stale_temps(run_dir):
                 pass
 
 
+class RunLock:
+    """`with RunLock(run_dir):` one training run per run folder, or a UserError naming the run that
+    holds it. Two runs of one folder would overwrite each other's checkpoints and metrics.
+
+    The lock is a POSIX record lock (fcntl.lockf) on run_dir/run.lock. The kernel drops it when the
+    process ends, however it ends, so a run killed with SIGKILL never blocks --resume and there is
+    no stale lock to clean up. Not flock: its lock is shared with forked DataLoader workers, which
+    outlive a killed run by seconds. The file says who holds it, for the second run's message.
+    """
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, "run.lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
+            holder = self._holder()
+            os.close(self.fd)
+            raise UserError(f"run folder {run_dir!r} is in use by {holder}: a second run there would "
+                            f"overwrite its checkpoints and metrics. Wait for it to finish or stop it "
+                            f"(Ctrl-C or kill -INT: it saves first), or pass another --version") from None
+        except OSError as e:  # a file system without locks (ENOLCK): train, as before there was a lock
+            print(f"run folder {run_dir!r} cannot be locked ({e.strerror}): nothing stops a second run "
+                  f"there from overwriting this one's files", file=sys.stderr)
+            return
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+
+    def _holder(self):
+        # read through our own descriptor: the holder writes its line just after locking
+        for _ in range(50):
+            text = os.pread(self.fd, 4096, 0).decode(errors="replace").strip()
+            if text:
+                return text
+            time.sleep(0.01)
+        return "another process (it has not written its pid yet)"
+
+    def release(self):
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # the file no longer names a holder
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
 def point_latest(run_dir, path):
     """Make run_dir/latest.pt the file at `path` (hard link, else copy), replaced atomically."""
     latest = os.path.join(run_dir, "latest.pt")
@@ -140,71 +197,122 @@ def saved_steps(run_dir):
     return [step for step, _ in _step_files(run_dir)]
 
 
-def load_checkpoint(path, map_location="cpu", seed_files=False):
-    """Load a checkpoint dict with weights_only=True; every failure is a one-line CheckpointError.
-    seed_files: a bare state dict (a seed repository's generator file) is returned too, for
-    load_models to map (seed_formats.py)."""
+def load_checkpoint(path, map_location="cpu", training=False, seed_files=False):
+    """Load a checkpoint dict with weights_only=True and check that it is one this project wrote
+    (with `training`, one a run can resume from); every failure is a one-line CheckpointError
+    naming the file. seed_files: a bare state dict (a seed repository's generator file) is
+    returned too, for load_models to map (seed_formats.py)."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
+        what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        raise CheckpointError(f"checkpoint {path!r} {what}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # the safe unpickler's advice on odd files: our error says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message opens with advice to retry with weights_only=False: exactly what a
         # crafted file wants. Quote only the part that names what the file asked for.
-        found = (re.search(p, str(e)) for p in (r"GLOBAL [\w.]+", r"Unsupported [^\n.]+"))
-        asked = next((m.group(0) for m in found if m), "not a weights-only file")
-        raise CheckpointError(
-            f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
-            f"containers, which could run code when unpickled ({asked}); nothing in it was run. "
-            f"Load only checkpoints written by this project") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        if m := re.search(r"GLOBAL [\w.]+", str(e)):
+            what = (f"it holds Python objects other than tensors and plain containers, which could "
+                    f"run code when unpickled ({m.group(0)})")
+        else:  # an opcode the safe unpickler lacks: random bytes as often as another pickle format
+            m = re.search(r"Unsupported [^\n.]+", str(e))
+            what = (f"it is not a weights-only torch file ({m.group(0) if m else reason(e)}): corrupt, "
+                    f"another format, or a pickle of objects that could run code")
+        raise CheckpointError(f"refusing to load {path!r}: {what}; nothing in it was run. "
+                              f"Load only checkpoints written by this project") from None
+    except PermissionError as e:
+        raise CheckpointError(f"checkpoint {path!r} cannot be read ({e.strerror}); check its "
+                              f"permissions") from None
+    except Exception as e:  # on bad bytes torch's readers raise nearly anything (EOFError, OSError,
+        # KeyError, UnicodeDecodeError, ...); none of it is a bug of ours, and nothing in the file ran
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated ({reason(e, 120)}); "
+                              f"use another checkpoint, e.g. an earlier ckpt_*.pt of the run") from None
     if seed_files and seed_formats.is_state_dict(ckpt):
         return ckpt
-    if not isinstance(ckpt, dict) or not ("G" in ckpt or "G_ema" in ckpt) or "model_args" not in ckpt:
-        raise CheckpointError(f"{path!r} is not a checkpoint of this project (no 'G' / 'model_args'); "
-                              f"a seed repository's '<step>_G.pth' / '<step>-G.ckpt' opens with "
-                              f"load_models and the explorer, but cannot be resumed or exported")
+    check_contents(ckpt, path, training)
     return ckpt
+
+
+# what resuming a run needs besides the networks; an exported model (export_models) holds none of it
+TRAINING_STATE = dict(step=int, G=dict, D=dict, opt_g=dict, opt_d=dict, fixed_z=torch.Tensor, rng=dict)
+DAMAGED = "the file is damaged or not a checkpoint of this project"
 
 
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _reason(e):
-    """'TypeName: message' on one line and short, as a one-line error quotes an exception (the
-    message of load_state_dict puts what does not fit on the lines after its first)."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+def check_contents(ckpt, path, training=False):
+    """Raise CheckpointError unless `ckpt` holds what a checkpoint of this project holds, with the
+    types every reader relies on (with `training`, all a resumed run needs): checked once, here,
+    rather than failing with a TypeError half way through rebuilding a network or resuming."""
+    if not isinstance(ckpt, dict) or not ("G" in ckpt or "G_ema" in ckpt) or "model_args" not in ckpt:
+        raise CheckpointError(f"{path!r} is not a checkpoint of this project (no 'G' / 'model_args'); "
+                              f"a seed repository's '<step>_G.pth' / '<step>-G.ckpt' opens with "
+                              f"load_models and the explorer, but cannot be resumed or exported")
+    missing = [k for k in TRAINING_STATE if k not in ckpt] if training else []
+    if missing:
+        raise CheckpointError(f"{path!r} holds no {' / '.join(map(repr, missing))}: it can be explored but "
+                              f"not resumed (an exported model?); resume from a ckpt_*.pt of the run")
+    step = ckpt.get("step")  # None in a model exported from a checkpoint without one
+    if not isinstance(ckpt.get("config", {}), dict) or not (_is_int(step) or step is None and not training):
+        raise CheckpointError(f"{path!r}: its 'config' is not a dict or its 'step' not an integer; {DAMAGED}")
+    for key, kind in TRAINING_STATE.items():
+        if key in ckpt and key != "step" and not isinstance(ckpt[key], kind):
+            raise CheckpointError(f"{path!r}: its {key!r} is a {type(ckpt[key]).__name__}, not a "
+                                  f"{kind.__name__}; {DAMAGED}")
+    for weights in ("G", "G_ema", "D"):
+        state = ckpt.get(weights, {})
+        if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in state.items())):
+            raise CheckpointError(f"{path!r}: {weights!r} is not a state dict of tensors; {DAMAGED}")
+    if "G" in ckpt and "G_ema" in ckpt and _shapes(ckpt["G"]) != _shapes(ckpt["G_ema"]):
+        raise CheckpointError(f"{path!r}: its 'G' and 'G_ema' (two copies of one network) differ in "
+                              f"names or shapes; {DAMAGED}")
+    for arch in ("G", "D") if "D" in ckpt else ("G",):
+        check_model_args(ckpt["model_args"], arch, path)
 
 
-def _rebuild(path, ckpt, cls, arch, weights):
-    """cls(**ckpt['model_args'][arch]) with the state dict ckpt[weights] loaded, in eval mode."""
-    damaged = "the file is damaged or not a checkpoint of this project"
-    model_args = ckpt["model_args"]
+def _shapes(state):
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def check_model_args(model_args, arch, path):
+    """model_args[arch] must be a dict of integers and lists of integers: a crafted or damaged file
+    can hold anything there, and only those reach a constructor (which checks the values)."""
     if not isinstance(model_args, dict) or arch not in model_args:
         found = f"keys {sorted(map(str, model_args))}" if isinstance(model_args, dict) else type(model_args).__name__
-        raise CheckpointError(f"{path!r}: its model_args has no {arch!r} (found {found:.80}); {damaged}")
+        raise CheckpointError(f"{path!r}: its model_args has no {arch!r} (found {found:.80}); {DAMAGED}")
     args = model_args[arch]
     if not isinstance(args, dict):
         raise CheckpointError(f"{path!r}: model_args[{arch!r}] is {type(args).__name__}, not a dict of "
-                              f"architecture arguments; {damaged}")
-    # a crafted or damaged file can hold anything here: only ints and lists of ints reach the constructor
+                              f"architecture arguments; {DAMAGED}")
     for k, v in args.items():
         if not (isinstance(k, str) and (_is_int(v) or isinstance(v, list) and all(map(_is_int, v)))):
             raise CheckpointError(f"{path!r}: model_args[{arch!r}][{k!r}] is {v!r:.40} ({type(v).__name__}), "
-                                  f"not an integer or a list of integers; {damaged}")
-    state = ckpt.get(weights)
-    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                            for k, v in state.items())):
-        raise CheckpointError(f"{path!r}: {weights!r} is not a state dict of tensors; {damaged}")
+                                  f"not an integer or a list of integers; {DAMAGED}")
+
+
+def restore(apply, ckpt, key, path):
+    """apply(ckpt[key]), e.g. G.load_state_dict or set_rng_state; a stored state that does not fit
+    what it should restore is a CheckpointError naming the file and the part."""
     try:
-        net = cls(**args)
-        net.load_state_dict(state)
+        apply(ckpt[key])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path!r}: its {key!r} cannot be restored ({reason(e, 200)}); the file "
+                              f"is damaged: use another checkpoint") from None
+
+
+def _rebuild(path, ckpt, cls, arch, weights):
+    """cls(**ckpt['model_args'][arch]) with the state dict ckpt[weights] loaded, in eval mode; the
+    types were checked by load_checkpoint, the values are the constructor's to check."""
+    try:
+        net = cls(**ckpt["model_args"][arch])
+        net.load_state_dict(ckpt[weights])
     except (TypeError, ValueError, RuntimeError) as e:  # unknown argument, bad size, weights that don't fit
         raise CheckpointError(f"{path!r}: cannot rebuild {weights} from the stored architecture "
-                              f"model_args[{arch!r}] ({_reason(e)})") from None
+                              f"model_args[{arch!r}] ({reason(e, 200)})") from None
     return net.eval()
 
 
@@ -239,9 +347,6 @@ def load_models(path, device="cpu", ema=True, with_d=False, verbose=True):
     if seed_formats.is_state_dict(ckpt):
         return _seed_models(path, ckpt, device, with_d, verbose)
     config, step = ckpt.get("config", {}), ckpt.get("step")
-    if not isinstance(config, dict) or not (step is None or _is_int(step)):
-        raise CheckpointError(f"{path!r}: its 'config' is not a dict or its 'step' not an integer; the "
-                              f"file is damaged or not a checkpoint of this project")
     use_ema = ema and "G_ema" in ckpt
     if not use_ema and "G" not in ckpt:
         raise CheckpointError(f"{path!r} is an exported model holding only the EMA generator: "

@@ -26,3 +26,11 @@ def run(prog, main, *args, **kwargs):
         return main(*args, **kwargs)
     except UserError as e:
         sys.exit(f"{prog}: error: {e}")
+
+
+def reason(e, limit=160):
+    """An exception quoted inside a one-line message: 'Type: its message' on one line, cut to
+    `limit` characters, or just 'Type' (an EOFError from an empty file has no message at all)."""
+    text = " ".join(str(e).split())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -64,7 +64,9 @@ class ImageFolderFlat(Dataset):
 
     def __init__(self, root, imsize, crop=160):
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder {root!r} does not exist: {CELEBA_HINT}")
+            what = "is a file, not a folder (an archive? unzip it and pass the folder)" \
+                if os.path.exists(root) else "does not exist"
+            raise FileNotFoundError(f"image folder {root!r} {what}: {CELEBA_HINT}")
         self.paths = find_images(root)
         if not self.paths:
             raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {root!r}: {CELEBA_HINT}")

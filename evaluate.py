@@ -13,25 +13,20 @@ Images reach the feature network as uint8 at the generator's resolution, real on
 exactly as for training. Real features are cached per folder (its file list, sizes and times), image
 size, crop, number of images and feature network under --cache_dir.
 """
-import argparse
 import hashlib
 import json
 import os
-import sys
 
 import torch
 from torch import nn
 
-from checkpoint import CheckpointError, atomic_save, load_models
+from checkpoint import atomic_save, load_models
+from cli import Parser, UserError, reason, run
 from data_loader import ImageFolderFlat, crop_for, find_images
 from utils import pick_device
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
-
-
-class EvalError(Exception):
-    """A one-line reason evaluation cannot run, naming the input and the fix."""
 
 
 # ----------------------------------------------------------------------------- feature networks
@@ -47,20 +42,20 @@ class InceptionFeatures(nn.Module):
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
         except ImportError:
-            raise EvalError("FID needs torchmetrics and torch-fidelity: "
+            raise UserError("FID needs torchmetrics and torch-fidelity: "
                             "pip install torchmetrics torch-fidelity") from None
         if weights_path is not None and not os.path.isfile(weights_path):
-            raise EvalError(f"--feature_weights {weights_path!r} does not exist; download {INCEPTION_URL}")
+            raise UserError(f"--feature_weights {weights_path!r} does not exist; download {INCEPTION_URL}")
         try:
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                           feature_extractor_weights_path=weights_path)
         except OSError as e:  # URLError (no internet) is an OSError
-            raise EvalError(f"the Inception weights for FID/KID could not be downloaded ({e}): on a "
+            raise UserError(f"the Inception weights for FID/KID could not be downloaded ({e}): on a "
                             f"machine with internet download {INCEPTION_URL} and pass "
                             f"--feature_weights PATH") from None
         except (RuntimeError, KeyError, ValueError) as e:
-            raise EvalError(f"--feature_weights {weights_path!r} is not the FID Inception weights file "
-                            f"({str(e).splitlines()[0][:100]}); download {INCEPTION_URL}") from None
+            raise UserError(f"--feature_weights {weights_path!r} is not the FID Inception weights file "
+                            f"({reason(e, 100)}); download {INCEPTION_URL}") from None
 
     def forward(self, images):
         return self.net(images)
@@ -186,7 +181,7 @@ def fid_kid(real, fake, kid_subset_size=1000, kid_subsets=100, seed=0):
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="evaluate.py", description="FID and KID of a SAGAN checkpoint.")
+    p = Parser(prog="evaluate.py", description="FID and KID of a SAGAN checkpoint.")
     a = p.add_argument
     a("--checkpoint", required=True, help="a checkpoint of main.py (ckpt_*.pt or latest.pt)")
     a("--real", required=True, help="folder of real images, any nesting")
@@ -211,9 +206,9 @@ def build_parser():
 def evaluate(args):
     for name in ("num_samples", "num_real", "batch_size", "kid_subset_size", "kid_subsets"):
         if getattr(args, name) < 2:
-            raise EvalError(f"--{name} must be at least 2, got {getattr(args, name)}")
+            raise UserError(f"--{name} must be at least 2, got {getattr(args, name)}")
     if not os.path.isdir(args.real):
-        raise EvalError(f"--real {args.real!r} is not a folder of images")
+        raise UserError(f"--real {args.real!r} is not a folder of images")
     device = pick_device(args.device)
     loaded = load_models(args.checkpoint, device, ema=not args.raw_g)
     G = loaded.G
@@ -231,11 +226,12 @@ def evaluate(args):
 
 
 def main(argv=None):
+    """Evaluate, print the scores in one line and write them to --json."""
     args = build_parser().parse_args(argv)
     try:
         s = evaluate(args)
-    except (EvalError, CheckpointError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"evaluate.py: error: {e}")
+    except (FileNotFoundError, ValueError) as e:  # the real images' checks (data_loader)
+        raise UserError(str(e)) from None
     note = "" if s["features"].startswith("inception") else " (stand-in features: NOT comparable to published FID)"
     print(f"step {s['step']} ({s['generator']} G) | FID {s['fid']:.4f} | KID {s['kid']:.5f} ± {s['kid_std']:.5f} "
           f"| {s['num_fake']} generated vs {s['num_real']} real, {s['features']}{note}")
@@ -245,4 +241,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run("evaluate.py", main)

@@ -5,13 +5,15 @@
     torchrun --nproc_per_node=8 main.py --batch_size 32 ...   # 8 GPUs, global batch 8 x 32 = 256
 """
 import argparse
+import contextlib
 import os
 import shlex
 import sys
 
 import torch
 
-from checkpoint import CheckpointError
+from checkpoint import RunLock
+from cli import Parser, UserError, run
 from data_loader import folder_crops, make_dataset
 from distributed import cleanup_distributed, setup_distributed
 from sagan_models import check_attn, check_imsize, default_attn
@@ -30,12 +32,6 @@ PRESETS = {
                   synthetic_size=64, n_samples=4, num_workers=0, total_step=2, log_step=1,
                   sample_step=2, model_save_step=2, version="smoke", no_visdom=True),
 }
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line naming the problem, not a usage dump."""
-        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
 
 
 def attn_list(text):
@@ -164,10 +160,6 @@ def check_config(c):
     c.d_attn = sorted(default_attn(c.imsize, "d") if c.d_attn is None else c.d_attn, reverse=True)
     check_attn(c.imsize, c.g_attn, "g")
     check_attn(c.imsize, c.d_attn, "d")
-    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the global batch must fit the data
-    if c.dataset == "synthetic" and c.synthetic_size < c.batch_size * world:
-        raise ValueError(f"--synthetic_size {c.synthetic_size} is smaller than the global batch "
-                         f"{c.batch_size * world} (--batch_size {c.batch_size} x {world} processes)")
     if not c.version or os.sep in c.version or c.version in (".", ".."):
         raise ValueError(f"--version {c.version!r} must be a plain folder name")
     check_precision(c.precision, pick_device(c.device))
@@ -182,8 +174,19 @@ def check_writable(folder, flag):
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"{flag} {os.path.dirname(folder)!r} is not writable ({e.strerror}); "
-                         f"pass a folder you can write to") from None
+        raise UserError(f"{flag} {os.path.dirname(folder)!r} is not writable ({e.strerror}); "
+                        f"pass a folder you can write to") from None
+
+
+def check_data_size(n, config, world_size):
+    """Every step takes a whole global batch (the epoch's tail is dropped): the data must hold one."""
+    if n >= config.batch_size * world_size:
+        return
+    where = (f"--synthetic_size {n} is" if config.dataset == "synthetic"
+             else f"--image_path {' '.join(map(repr, config.image_path))} has {n} image{'s' * (n != 1)},")
+    ranks = f" x {world_size} processes" if world_size > 1 else ""
+    raise UserError(f"{where} fewer than the global batch {config.batch_size * world_size} "
+                    f"(--batch_size {config.batch_size}{ranks}): lower --batch_size or use more images")
 
 
 def resume_command(argv, *extra):
@@ -228,30 +231,40 @@ def make_dashboard(config, trainer):
 
 
 def main(argv=None):
+    """Check every input, hold the run folder (one run per folder), build, train."""
     config = parse_args(argv)
     try:
         info, device = setup_distributed(config.device)
-    except ValueError as e:
-        sys.exit(f"main.py: error: {e}")
+    except ValueError as e:  # a --device that torchrun's ranks cannot share
+        raise UserError(str(e)) from None
     config.world_size = info.world_size  # recorded in config.json and checkpoints: global batch
     say = print if info.is_main else (lambda *a, **k: None)  # rank 0 speaks for all
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "no CUDA GPU in use"
     ranks = f" | {info.world_size} processes, global batch {config.batch_size * info.world_size}" \
         if info.enabled else ""
     say(f"device: {device} ({where}){ranks}")
+    run_dir = os.path.join(config.model_save_path, config.version)
     try:
-        if info.is_main:
-            check_writable(os.path.join(config.model_save_path, config.version), "--model_save_path")
+        if info.is_main:  # rank 0 writes every file: it checks the folders and holds the run folder
+            check_writable(run_dir, "--model_save_path")
             check_writable(os.path.join(config.sample_path, config.version), "--sample_path")
-        dataset = make_dataset(config)
-        trainer = Trainer(config, dataset, device, info)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        with RunLock(run_dir) if info.is_main else contextlib.nullcontext():
+            fit(config, info, device, say, sys.argv[1:] if argv is None else list(argv))
+    finally:
         cleanup_distributed()
-        sys.exit(f"main.py: error: {e}")
+
+
+def fit(config, info, device, say, args):
+    """Build the data and the trainer, then train; `args` is the command line, for resume hints."""
+    try:
+        dataset = make_dataset(config)
+        check_data_size(len(dataset), config, info.world_size)
+        trainer = Trainer(config, dataset, device, info)
+    except (ValueError, FileNotFoundError) as e:  # the data's and the trainer's checks
+        raise UserError(str(e)) from None
     say(f"data: {config.dataset}, {len(dataset)} images at {config.imsize}px | "
         f"run folder: {trainer.run_dir} | attention G {config.g_attn or 'none'}, D {config.d_attn or 'none'}")
     dashboard = None if config.no_visdom or not info.is_main else make_dashboard(config, trainer)
-    args = sys.argv[1:] if argv is None else list(argv)
     try:
         last = trainer.train()
     except Interrupted as e:
@@ -263,20 +276,17 @@ def main(argv=None):
             hint = "; continue from it with lower learning rates: " + resume_command(
                 args, "--pretrained_model", str(trainer.last_saved[0]),
                 "--g_lr", f"{config.g_lr / 2:g}", "--d_lr", f"{config.d_lr / 2:g}")
-        sys.exit(f"main.py: error: {e}{hint}")
-    except CheckpointError as e:
-        sys.exit(f"main.py: error: {e}")
+        raise UserError(f"{e}{hint}") from None
     except OSError as e:  # e.g. a full disk while appending to metrics.jsonl or writing a sample
         kept = f"{trainer.last_saved[1]} (step {trainer.last_saved[0]})" if trainer.last_saved else "none"
-        sys.exit(f"main.py: error: could not write {e.filename or 'a file'!r} at step {trainer.step} "
-                 f"({e.strerror or e}); last checkpoint: {kept}, intact. Fix that, then continue: "
-                 f"{resume_command(args)}")
+        raise UserError(f"could not write {e.filename or 'a file'!r} at step {trainer.step} "
+                        f"({e.strerror or e}); last checkpoint: {kept}, intact. Fix that, then continue: "
+                        f"{resume_command(args)}") from None
     finally:
         if dashboard:
             dashboard.close()
-        cleanup_distributed()
     say(f"done: step {trainer.step}, checkpoint {last}, samples in {trainer.sample_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    run("main.py", main)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 from checkpoint import (CheckpointError, atomic_write_text, ckpt_name, load_checkpoint, remove_stale_temps,
-                        save_checkpoint, saved_steps)
+                        restore, save_checkpoint, saved_steps)
+from cli import reason
 from data_loader import training_batches
 from distributed import DistInfo, max_over_ranks, mean_over_ranks, sync_batchnorm, wrap
 from ema import EMA
@@ -209,7 +210,7 @@ class Trainer:
             free = shutil.disk_usage(self.run_dir).free / 2**20  # torch's error hides the errno
             raise CheckpointError(
                 f"could not write the step-{self.step} checkpoint in {self.run_dir!r} "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}; {free:.0f} MiB free there); "
+                f"({reason(e, 160)}; {free:.0f} MiB free there); "
                 f"{kept}. Free disk space (or use --keep_last) and continue with --resume") from None
         self.last_saved = (self.step, path)
         return path
@@ -231,17 +232,17 @@ class Trainer:
             raise CheckpointError(f"nothing to resume: {path!r} does not exist (saved steps: "
                                   f"{', '.join(map(str, steps)) or 'none'}); check --version and "
                                   f"--model_save_path, or start without --resume")
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, training=True)
         differ = arch_differences(ckpt["model_args"], dict(G=self.G.model_args(), D=self.D.model_args()))
         if differ:
             raise CheckpointError(
                 f"{path!r} was trained with " + ", ".join(f"--{k} {flag_value(old)}" for k, (old, _) in differ.items())
                 + "; resume with the same architecture flags (now: "
                 + ", ".join(f"--{k} {flag_value(new)}" for k, (_, new) in differ.items()) + ")")
-        self.G.load_state_dict(ckpt["G"])
-        self.D.load_state_dict(ckpt["D"])
-        self.opt_g.load_state_dict(ckpt["opt_g"])
-        self.opt_d.load_state_dict(ckpt["opt_d"])
+        restore(self.G.load_state_dict, ckpt, "G", path)
+        restore(self.D.load_state_dict, ckpt, "D", path)
+        restore(self.opt_g.load_state_dict, ckpt, "opt_g", path)
+        restore(self.opt_d.load_state_dict, ckpt, "opt_d", path)
         for opt, lr in ((self.opt_g, cfg.g_lr), (self.opt_d, cfg.d_lr)):
             for group in opt.param_groups:  # the command line wins: a lower lr after a divergence
                 group["lr"] = lr
@@ -249,14 +250,14 @@ class Trainer:
             # empty when saved by an fp32/bf16 run (or absent in older checkpoints): an fp16 run
             # resumed from it starts its loss scale afresh
             if ckpt.get(name) and getattr(self, name).is_enabled():
-                getattr(self, name).load_state_dict(ckpt[name])
+                restore(getattr(self, name).load_state_dict, ckpt, name, path)
         self.fixed_z = ckpt["fixed_z"].to(self.device)
         self.step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
+        restore(set_rng_state, ckpt, "rng", path)
         own_file = os.path.join(self.run_dir, ckpt_name(self.step))  # what latest.pt links to
         self.last_saved = (self.step, own_file if os.path.isfile(own_file) else path)
         if self.ema:
-            self.ema.load_state_dict(ckpt.get("G_ema", ckpt["G"]))
+            restore(self.ema.load_state_dict, ckpt, "G_ema" if "G_ema" in ckpt else "G", path)
             if "G_ema" not in ckpt:  # a run without the EMA until now
                 self.say(f"{path} has no EMA generator: the EMA starts from its G at step {self.step}")
         self._start_metrics(keep_until=self.step)

@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cli import Parser, UserError, run
+
 # (npm package@exact version, file inside the package, destination under visdom/static/).
 # Destinations copy visdom 0.2.4's server/build.py download_scripts() exactly:
 # its check is "file exists at this path", so any other name means a re-download.
@@ -77,7 +79,7 @@ def visdom_dir():
     # find_spec does not run visdom/__init__.py, which imports torch (~2 s).
     spec = importlib.util.find_spec("visdom")
     if spec is None:
-        sys.exit("error: visdom is not installed in this Python (pip install visdom==0.2.4)")
+        raise UserError("visdom is not installed in this Python (pip install visdom==0.2.4)")
     return Path(spec.origin).parent
 
 
@@ -111,8 +113,8 @@ def install_static(quiet=False):
         say("visdom static files already installed")
         return
     if not npm_available():
-        sys.exit("error: npm not found; install Node.js + npm (e.g. `apt-get install -y npm`) "
-                 "and rerun `python visdom_server.py --install_static`")
+        raise UserError("npm not found; install Node.js + npm (e.g. `apt-get install -y npm`) "
+                        "and rerun `python visdom_server.py --install_static`")
     static = visdom_dir() / "static"
     todo = [f for f in STATIC_FILES if f[2] in missing] if "version.built" not in missing else STATIC_FILES
     specs = sorted({spec for spec, _, _ in todo})
@@ -123,7 +125,7 @@ def install_static(quiet=False):
                              cwd=tmp, capture_output=True, text=True)
         if res.returncode != 0:
             last = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
-            sys.exit(f"error: `npm pack` failed ({last}); is the npm registry reachable?")
+            raise UserError(f"`npm pack` failed ({last}); is the npm registry reachable?")
         tarballs = {f"{p['name']}@{p['version']}": Path(tmp) / p["filename"]
                     for p in json.loads(res.stdout)}
         for spec in specs:
@@ -215,11 +217,18 @@ def _log_tail(proc, n=2000):
     return Path(path).read_text(errors="replace")[-n:] if path and os.path.exists(path) else ""
 
 
+def port_number(text):
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return int(text)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Offline visdom dashboard server.")
+    """Install the front end (--install_static), or serve the dashboard until interrupted."""
+    p = Parser(prog="visdom_server.py", description="Offline visdom dashboard server.")
     p.add_argument("--install_static", action="store_true",
                    help="install visdom's front-end files from the npm registry, then exit")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT)
     p.add_argument("--hostname", default=DEFAULT_HOSTNAME,
                    help="address to bind (default localhost; 0.0.0.0 exposes it to the network)")
     p.add_argument("--env_path", default=None,
@@ -232,8 +241,8 @@ def main(argv=None):
     if missing_static():
         # Serving half the page would look like a broken dashboard; fetch instead when possible.
         if not npm_available():
-            sys.exit("error: visdom static files are missing and npm is not available; "
-                     "run `python visdom_server.py --install_static` on a machine with npm")
+            raise UserError("visdom static files are missing and npm is not available; "
+                            "run `python visdom_server.py --install_static` on a machine with npm")
         print("visdom static files missing; installing them first (--install_static)")
         install_static()
     # The server process never touches tensors; blocking torch saves ~2 s of startup
@@ -243,7 +252,10 @@ def main(argv=None):
         serve(args.port, args.hostname, args.env_path)
     except KeyboardInterrupt:
         pass
+    except OSError as e:  # the port is taken, or --hostname is no address of this machine
+        raise UserError(f"cannot listen on {args.hostname}:{args.port} ({e.strerror or e}); pass another "
+                        f"--port (or stop what uses it) or a --hostname of this machine") from None
 
 
 if __name__ == "__main__":
-    main()
+    run("visdom_server.py", main)

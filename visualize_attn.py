@@ -26,14 +26,10 @@ matplotlib.use("Agg")  # headless: never needs a display
 
 import attention_viz as av  # noqa: E402
 from attention import INTERVENTIONS, TOPK, format_json, load_image  # noqa: E402
-from checkpoint import CheckpointError, find_checkpoint  # noqa: E402
+from checkpoint import find_checkpoint  # noqa: E402
+from cli import Parser, UserError, run  # noqa: E402
 
 VIEWS = ("query", "layers", "queries", "grid", "saliency", "contribution", "intervene")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
 
 
 def int_pair(text):
@@ -100,24 +96,24 @@ def build_parser():
 
 def check_args(args):
     if not args.out and not args.table:
-        raise ValueError("nothing to do: give --out FILE.png for a figure and/or --table")
+        raise UserError("nothing to do: give --out FILE.png for a figure and/or --table")
     if args.json and not args.table:
-        raise ValueError("--json prints the table: add --table")
+        raise UserError("--json prints the table: add --table")
     for name in ("topk", "table_images", "table_queries", "dpi"):
         if getattr(args, name) < (0 if name == "topk" else 1):
-            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.pixel and args.cell:
-        raise ValueError("give the query as --pixel X,Y or as --cell ROW,COL, not both")
+        raise UserError("give the query as --pixel X,Y or as --cell ROW,COL, not both")
     if args.pixel and len(args.pixel) > 1 and args.view != "queries":
-        raise ValueError("several --pixel are for --view queries")
+        raise UserError("several --pixel are for --view queries")
     if args.cell and args.view in ("layers", "queries"):
-        raise ValueError(f"--view {args.view} takes image pixels (--pixel X,Y): cells differ per layer")
+        raise UserError(f"--view {args.view} takes image pixels (--pixel X,Y): cells differ per layer")
     for path in filter(None, (args.out, args.table_out)):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
-            raise ValueError(f"cannot write {path!r}: folder {folder!r} does not exist")
+            raise UserError(f"cannot write {path!r}: folder {folder!r} does not exist")
     if args.out and not args.out.lower().endswith((".png", ".pdf", ".svg", ".jpg")):
-        raise ValueError(f"--out {args.out!r}: use a .png (or .pdf, .svg, .jpg) file name")
+        raise UserError(f"--out {args.out!r}: use a .png (or .pdf, .svg, .jpg) file name")
 
 
 def make_figure(ex, args, d_image):
@@ -143,10 +139,11 @@ def make_figure(ex, args, d_image):
 
 
 def main(argv=None):
+    """The figure and/or the table the arguments ask for, from one checkpoint."""
     args = build_parser().parse_args(argv)
+    check_args(args)
     stdout = sys.stdout  # with --json it holds only the JSON lines: everything else said goes to stderr
     try:
-        check_args(args)
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
             from utils import pick_device
             device = pick_device(args.device)
@@ -156,7 +153,7 @@ def main(argv=None):
             ex = av.Explorer.from_checkpoint(args.checkpoint, device, with_d=args.with_d or bool(args.d_image),
                                              ema=not args.raw_g)
             if not ex.layers:
-                raise ValueError(f"{args.checkpoint!r} has no attention layers (trained with --g_attn none)")
+                raise UserError(f"{args.checkpoint!r} has no attention layers (trained with --g_attn none)")
             d_image = load_image(args.d_image, ex.imsize, args.center_crop) if args.d_image else None
             print(ex.describe())
             if args.out:
@@ -172,9 +169,9 @@ def main(argv=None):
                 if args.table_out:
                     with open(args.table_out, "w") as f:
                         f.write(text + "\n")
-    except (ValueError, CheckpointError) as e:
-        sys.exit(f"visualize_attn.py: error: {e}")
+    except ValueError as e:  # the explorer's checks: a query off the map, an unknown layer, ...
+        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":
-    main()
+    run("visualize_attn.py", main)

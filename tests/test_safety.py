@@ -22,6 +22,7 @@ from PIL import Image
 
 import main
 from checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_generator
+from cli import run
 from conftest import ROOT, SMOKE, free_port, one_thread_env
 from data_loader import ImageFolderFlat, synthetic_face
 from utils import rng_state
@@ -57,9 +58,9 @@ def spawn(args, log, **kw):
 
 
 def run_inprocess(args):
-    """main.main(args); returns the exit message/code of a SystemExit, else None."""
+    """main.main(args) as `python main.py` ends it; returns the exit message/code of a SystemExit, else None."""
     try:
-        main.main(args)
+        run("main.py", main.main, args)
     except SystemExit as e:
         return e.code
     return None
@@ -93,6 +94,7 @@ def wait_for(cond, timeout, proc=None, what="condition"):
 FORK_SERVER = r"""
 import json, os, resource, signal, sys
 import main  # python -c: the working directory, the repository root, is on sys.path
+from cli import run
 for line in sys.stdin:
     cmd = json.loads(line)
     if cmd[0] == "run":
@@ -107,7 +109,7 @@ for line in sys.stdin:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
             code = 0
             try:
-                main.main(args)
+                run("main.py", main.main, args)
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (print(e.code) or 1)
             except BaseException:

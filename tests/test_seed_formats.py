@@ -18,6 +18,7 @@ from torch import nn
 import checkpoint
 import visualize_attn
 from checkpoint import CheckpointError, load_checkpoint, load_generator, load_models
+from cli import run
 from sagan_models import Generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -315,7 +316,7 @@ def test_anything_else_is_a_one_line_error_naming_what_was_found(tmp_path):
     # through the CLI: the same line, exit code 1
     path, expected = malformed(tmp_path)["128px"]
     with pytest.raises(SystemExit) as e:
-        visualize_attn.main(["--checkpoint", str(path), "--out", str(tmp_path / "x.png")])
+        run("visualize_attn.py", visualize_attn.main, ["--checkpoint", str(path), "--out", str(tmp_path / "x.png")])
     assert expected in str(e.value.code) and "\n" not in str(e.value.code)
 
 

@@ -119,9 +119,10 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize("args,message", CLI_ERRORS)
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, message):
     import main
+    from cli import run
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit:
-        main.main([*SMOKE, "--model_save_path", str(tmp_path / "m"), *args])
+        run("main.py", main.main, [*SMOKE, "--model_save_path", str(tmp_path / "m"), *args])
     code = exit.value.code  # argparse prints and exits 2; later checks exit with the message
     assert code not in (0, None)
     lines = (code if isinstance(code, str) else capsys.readouterr().err).strip().splitlines()

@@ -17,6 +17,7 @@ import attention as at  # noqa: E402
 import attention_viz as av  # noqa: E402
 import visualize_attn  # noqa: E402
 from checkpoint import CheckpointError, load_models  # noqa: E402
+from cli import run  # noqa: E402
 from conftest import ROOT, SMOKE, one_thread_env  # noqa: E402
 from sagan_models import Generator  # noqa: E402
 
@@ -39,9 +40,9 @@ def checkpoint(tmp_path_factory):
 
 
 def cli(*args):
-    """visualize_attn.main in this process: (exit code, stdout, stderr-like message)."""
+    """visualize_attn.main in this process, ended as the command ends it: (exit code, message)."""
     try:
-        visualize_attn.main([str(a) for a in args])
+        run("visualize_attn.py", visualize_attn.main, [str(a) for a in args])
     except SystemExit as e:
         return (e.code if isinstance(e.code, int) else 1), str(e.code)
     return 0, ""
