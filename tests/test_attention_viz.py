@@ -346,7 +346,9 @@ def test_remove_gives_the_network_with_that_gamma_at_zero():
             zeroed = tiny_g(gamma=0.5)
             zeroed.attn[res].gamma.data.zero_()
             with at.intervene(G.attn[res], "remove"):
-                assert torch.equal(G(z), zeroed(z)), res
+                # equal up to float rounding: with 2 threads the next conv may round differently
+                # on the layer's input than on gamma * o + input (measured: 8e-7)
+                torch.testing.assert_close(G(z), zeroed(z), atol=1e-5, rtol=0, msg=res)
             assert not torch.equal(img, zeroed(z))                 # the layer did something
         assert torch.equal(G(z), img)                              # nothing left behind
 
@@ -408,8 +410,8 @@ def test_deltas_are_zero_exactly_where_gamma_is_zero():
     D = Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval()
     D.attn["8"].gamma.data.fill_(0.5)                              # D4 stays at its initial 0
     table = {r["name"]: r for r in at.layer_statistics(G, [0, 1], n_queries=4, D=D)}
-    for name in ("G8", "D4"):
-        assert [table[name][key] for key in at.DELTA_KEYS.values()] == [0, 0, 0], name
+    for name in ("G8", "D4"):  # zero up to float rounding (see the test above)
+        assert all(table[name][key] < 1e-6 for key in at.DELTA_KEYS.values()), name
     for name in ("G16", "D8"):
         assert all(table[name][key] > 0 for key in at.DELTA_KEYS.values()), name
     assert [table[n]["delta_of"] for n in table] == ["image", "image", "D score", "D score"]

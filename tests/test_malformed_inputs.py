@@ -8,7 +8,6 @@ tests/test_safety.py starts its runs): the child runs the command's file as __ma
 arguments, and ends as the interpreter would. One case per command also runs as a fresh process.
 """
 import json
-import os
 import pickle
 import random
 import shutil
