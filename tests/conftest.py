@@ -1,8 +1,15 @@
 """What the test files share: the repository root, the tiny training run, a free port, one-thread
-subprocesses. (The repository root is importable through pytest.ini's `pythonpath = .`.)"""
+subprocesses, a fork server for many fast command runs. (The repository root is importable through
+pytest.ini's `pythonpath = .`.)"""
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,3 +29,96 @@ def one_thread_env(**extra):
     """The environment for a subprocess that trains: the CI box has 2 cores, and torch's spinning
     threads only fight over them (tiny steps get 10-50x slower under load)."""
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
+
+
+# ----------------------------------------------------------------------------- a fork server
+
+# Importing torch and the commands takes seconds on a loaded machine, a tiny run milliseconds. To
+# start many real command processes in a test's time, one process imports the commands once and
+# forks a fresh process per run (before any torch op, so no thread pool is forked). The child runs
+# the command's file as __main__ with its arguments, so the command's own `run(PROG, main)` ends it,
+# and exits with the status the interpreter would give. Each run is its own session (signals can go
+# to its whole process group, DataLoader workers included) and may get an OS file-size limit.
+FORK_SERVER = r"""
+import json, os, resource, runpy, signal, sys, traceback
+import main, visualize_attn, evaluate  # the imports every run would repeat (cwd, the root, is on sys.path)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd[0] == "run":
+        _, script, args, out, err, fsize = cmd
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            for fd, log in ((1, out), (2, err)):
+                os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
+            if fsize:  # past it, write() fails with EFBIG, as on a full disk, instead of a SIGXFSZ kill
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+            sys.argv = [script, *args]
+            code = 0
+            try:  # what `python script args` runs, then how the interpreter ends it
+                runpy.run_path(script, run_name="__main__")
+            except SystemExit as e:
+                code = 0 if e.code is None else e.code
+                if not isinstance(code, int):  # a message: printed, status 1
+                    print(code, file=sys.stderr)
+                    code = 1
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(code)
+        print(pid, flush=True)
+    else:  # kill and/or reap one run, or (pid -1) wait for any: its pid and wait status
+        _, pid = cmd
+        if cmd[0] == "kill":
+            os.kill(pid, signal.SIGKILL)
+        print(*os.waitpid(pid, 0), flush=True)
+"""
+
+
+class ForkServer:
+    """Starts `python <command> args` runs fast (see FORK_SERVER); kills, reaps and waits for them."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=ROOT,
+                                     env=one_thread_env(PYTHONUNBUFFERED="1"),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def _ask(self, *cmd):
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return [int(x) for x in self.proc.stdout.readline().split()]
+
+    def run(self, script, args, out, err=None, fsize=0):
+        """Start `python script args`, stdout appended to the file `out`, stderr to `err` (default:
+        `out` too; a pipe nobody reads would fill and block), at most `fsize` bytes per file written
+        if given. Its pid, which is also its process group."""
+        out = str(out)
+        return self._ask("run", script, [str(a) for a in args], out, str(err or out), fsize)[0]
+
+    def kill(self, pid):
+        """SIGKILL, then reap: when this returns the process is gone."""
+        _, status = self._ask("kill", pid)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+    def wait(self, pid):
+        """The exit code of a run that ends by itself (-N: killed by signal N)."""
+        return os.waitstatus_to_exitcode(self._ask("wait", pid)[1])
+
+    def wait_any(self):
+        """(pid, exit code) of the next run to end."""
+        pid, status = self._ask("wait", -1)
+        return pid, os.waitstatus_to_exitcode(status)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def fork_server():
+    server = ForkServer()
+    yield server
+    server.close()

@@ -3,18 +3,15 @@ non-zero exit status and no traceback: random bytes, a real checkpoint cut at ma
 file, torch files that are not checkpoints, and checkpoints with wrong types or shapes inside.
 
 The commands run as real processes. A fresh `python <command>` costs seconds of imports on a busy
-machine, so most cases run in a process forked from one that imported the commands once (the way
-tests/test_safety.py starts its runs): the child runs the command's file as __main__ with its
-arguments, and ends as the interpreter would. One case per command also runs as a fresh process.
+machine, so most cases run in a process forked from one that imported the commands once (conftest's
+fork server): the child runs the command's file as __main__ with its arguments, and ends as the
+interpreter would. One case per command also runs as a fresh process.
 """
-import json
 import pickle
 import random
 import shutil
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image
@@ -116,77 +113,23 @@ def malformed(real, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- running the commands
 
-FORK_SERVER = r"""
-import json, os, runpy, sys, traceback
-import main, visualize_attn, evaluate  # the imports every run would repeat
-for line in sys.stdin:
-    cmd = json.loads(line)
-    if cmd[0] == "wait":  # for any run to end: its pid and exit status
-        pid, status = os.wait()
-        print(pid, os.waitstatus_to_exitcode(status), flush=True)
-        continue
-    _, script, args, log = cmd
-    pid = os.fork()
-    if pid == 0:
-        for fd, suffix in ((1, ".out"), (2, ".err")):
-            os.dup2(os.open(log + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv = [script, *args]
-        code = 0
-        try:  # what `python script args` runs, then how the interpreter ends it
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as e:
-            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-            if code == 1 and not isinstance(e.code, int):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(code)
-    print(pid, flush=True)
-"""
+def run_all(fork_server, runs, folder):
+    """{key: (script, args)} -> {key: (exit status, stdout, stderr)}, two runs at a time (2 cores)."""
+    results, running = {}, {}
 
+    def collect():
+        pid, code = fork_server.wait_any()
+        key, out, err = running.pop(pid)
+        results[key] = (code, out.read_text(), err.read_text())
 
-class Forked:
-    """Runs commands in processes forked from one that has imported them, two at a time (2 cores)."""
-
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=ROOT, env=ENV,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def _ask(self, *cmd):
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return [int(x) for x in self.proc.stdout.readline().split()]
-
-    def run_all(self, runs, folder):
-        """{key: (script, args)} -> {key: (exit status, stdout, stderr)}."""
-        results, running = {}, {}
-
-        def collect():
-            pid, code = self._ask("wait")
-            key, log = running.pop(pid)
-            results[key] = (code, Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text())
-
-        for i, (key, (script, args)) in enumerate(runs.items()):
-            if len(running) == 2:
-                collect()
-            log = folder / f"run{i}"
-            running[self._ask("run", script, [str(a) for a in args], str(log))[0]] = (key, log)
-        while running:
+    for i, (key, (script, args)) in enumerate(runs.items()):
+        if len(running) == 2:
             collect()
-        return results
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def forked():
-    f = Forked()
-    yield f
-    f.close()
+        out, err = folder / f"run{i}.out", folder / f"run{i}.err"
+        running[fork_server.run(script, args, out, err)] = (key, out, err)
+    while running:
+        collect()
+    return results
 
 
 def command_line(command, path, images, folder):
@@ -243,7 +186,7 @@ def test_loading_any_malformed_file_is_one_checkpoint_error_naming_it(real, malf
                 assert path not in files.values(), f"{path.name} loaded"
 
 
-def test_every_command_ends_every_malformed_file_with_one_line(real, malformed, forked, tmp_path):
+def test_every_command_ends_every_malformed_file_with_one_line(real, malformed, fork_server, tmp_path):
     runs, named = {}, {}
     for command in COMMANDS:
         for name, path in malformed.items():
@@ -253,7 +196,7 @@ def test_every_command_ends_every_malformed_file_with_one_line(real, malformed, 
             folder.mkdir(parents=True)
             args, named[command, name] = command_line(command, path, real[1], folder)
             runs[command, name] = (command, args)
-    results = forked.run_all(runs, tmp_path)
+    results = run_all(fork_server, runs, tmp_path)
     for (command, name), result in results.items():
         assert_one_line_error(command, result, named[command, name])
 
@@ -270,7 +213,7 @@ def test_an_empty_checkpoint_in_a_fresh_process(real, tmp_path, command):
     assert "corrupt or truncated (EOFError)" in line
 
 
-def test_bad_image_folders_are_one_line_errors_before_training(forked, tmp_path):
+def test_bad_image_folders_are_one_line_errors_before_training(fork_server, tmp_path):
     a_file = tmp_path / "celeba.zip"
     a_file.write_bytes(b"PK")
     few = image_folder(tmp_path / "few", 3)
@@ -278,7 +221,7 @@ def test_bad_image_folders_are_one_line_errors_before_training(forked, tmp_path)
               "--model_save_path", tmp_path / "models", "--sample_path", tmp_path / "samples"]
     runs = {"file": ("main.py", [*common, "--image_path", a_file]),
             "few": ("main.py", [*common, "--image_path", few])}
-    results = forked.run_all(runs, tmp_path)
+    results = run_all(fork_server, runs, tmp_path)
     line = assert_one_line_error("main.py", results["file"], a_file)
     assert "is a file, not a folder" in line
     line = assert_one_line_error("main.py", results["few"], f"--image_path {str(few)!r} has 3 images")

@@ -1,7 +1,7 @@
 """Nothing lost: kills, signals, exact resume, bad images, divergence, hostile checkpoints, disk.
 
-Real runs of main.py (subprocesses where a signal or an OS limit is the point, in-process
-otherwise to save torch's start-up time), real files, real JPEGs; no mocks.
+Real runs of main.py (processes from conftest's fork server where a signal or an OS limit is the
+point, in-process otherwise to save torch's start-up time), real files, real JPEGs; no mocks.
 """
 import io
 import json
@@ -21,9 +21,10 @@ import torch
 from PIL import Image
 
 import main
+import visdom_server
 from checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_generator
 from cli import run
-from conftest import ROOT, SMOKE, free_port, one_thread_env
+from conftest import ROOT, SMOKE, free_port
 from data_loader import ImageFolderFlat, synthetic_face
 from utils import rng_state
 
@@ -46,17 +47,6 @@ def out_args(tmp_path, version="run"):
             "--version", version]
 
 
-def env():
-    return one_thread_env(PYTHONUNBUFFERED="1")
-
-
-def spawn(args, log, **kw):
-    """main.py in a subprocess, output to the file `log` (a pipe nobody reads would fill and block)."""
-    with open(log, "a") as f:
-        return subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, env=env(),
-                                stdout=f, stderr=subprocess.STDOUT, **kw)
-
-
 def run_inprocess(args):
     """main.main(args) as `python main.py` ends it; returns the exit message/code of a SystemExit, else None."""
     try:
@@ -73,92 +63,13 @@ def metrics(run_dir):
 LOSSES = ("d_loss_real", "d_loss_fake", "d_loss", "g_loss")
 
 
-def wait_for(cond, timeout, proc=None, what="condition"):
+def wait_for(cond, timeout, what="condition"):
     end = time.time() + timeout
     while time.time() < end:
         if cond():
             return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}")
         time.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-# ----------------------------------------------------------------------------- a fork server
-
-# Importing torch takes seconds on a loaded machine, a tiny training step milliseconds. To start
-# many real training processes in a test's time, one process imports main.py once and forks a
-# fresh process per run (before any torch op, so no thread pool is forked). Each run is its own
-# session (signals can go to its whole process group, DataLoader workers included) and may get an
-# OS file-size limit. The server kills and reaps runs on request, or waits for them.
-FORK_SERVER = r"""
-import json, os, resource, signal, sys
-import main  # python -c: the working directory, the repository root, is on sys.path
-from cli import run
-for line in sys.stdin:
-    cmd = json.loads(line)
-    if cmd[0] == "run":
-        _, args, log, fsize = cmd
-        pid = os.fork()
-        if pid == 0:
-            os.setsid()
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-            os.dup2(fd, 1), os.dup2(fd, 2)
-            if fsize:  # past it, write() fails with EFBIG, as on a full disk, instead of a SIGXFSZ kill
-                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-            code = 0
-            try:
-                run("main.py", main.main, args)
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (print(e.code) or 1)
-            except BaseException:
-                import traceback; traceback.print_exc(); code = 99
-            finally:
-                sys.stdout.flush(), sys.stderr.flush()
-                os._exit(code)
-        print(pid, flush=True)
-    else:
-        if cmd[0] == "kill":
-            os.kill(cmd[1], signal.SIGKILL)
-        _, status = os.waitpid(cmd[1], 0)
-        print(status, flush=True)
-"""
-
-
-class ForkServer:
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=ROOT, env=env(),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def _ask(self, *cmd):
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
-
-    def run(self, args, log, fsize=0):
-        """Start `python main.py args` (minus the import), output appended to `log`; its pid."""
-        return self._ask("run", list(args), str(log), fsize)
-
-    def kill(self, pid):
-        """SIGKILL, then reap: when this returns the process is gone."""
-        status = self._ask("kill", pid)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
-
-    def wait(self, pid):
-        """The exit code of a run that ends by itself."""
-        return os.waitstatus_to_exitcode(self._ask("wait", pid))
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = ForkServer()
-    yield s
-    s.close()
 
 
 # ----------------------------------------------------------------------------- 1. SIGKILL
@@ -166,7 +77,7 @@ def server():
 KILL_SECONDS = float(os.environ.get("SAFETY_KILL_SECONDS", 10))  # longer for a report's numbers
 
 
-def test_sigkill_at_random_moments_latest_always_loads_and_resume_continues(tmp_path, server):
+def test_sigkill_at_random_moments_latest_always_loads_and_resume_continues(tmp_path, fork_server):
     """Saves every step; kill -9 at random moments, many times (some land mid-save: a temporary
     is left behind). After every kill latest.pt loads and the next run resumes from it."""
     run_dir = tmp_path / "models" / "run"
@@ -178,11 +89,11 @@ def test_sigkill_at_random_moments_latest_always_loads_and_resume_continues(tmp_
     t0 = None
     while tried < 8 or time.time() - t0 < KILL_SECONDS:
         before = latest.stat().st_ino if latest.exists() else None  # a save = a new inode
-        pid = server.run(args + (["--resume"] if tried else []), tmp_path / "log.txt")
+        pid = fork_server.run("main.py", args + (["--resume"] if tried else []), tmp_path / "log.txt")
         t0 = t0 or time.time()  # the server's one import of torch is not part of the budget
         wait_for(lambda: latest.exists() and latest.stat().st_ino != before, 60, what="a save")
         time.sleep(rng.uniform(0, 0.3))
-        server.kill(pid)
+        fork_server.kill(pid)
         tried += 1
         mid_save += any(".tmp" in n for n in os.listdir(run_dir))
         ckpt = load_checkpoint(str(latest))  # must load after every kill
@@ -193,8 +104,8 @@ def test_sigkill_at_random_moments_latest_always_loads_and_resume_continues(tmp_
     # the last resume runs to the end: every step logged once, in order, no gap
     total = step + 3
     log = tmp_path / "last.txt"
-    pid = server.run(args[:-2] + ["--total_step", str(total), "--resume"], log)
-    assert server.wait(pid) == 0, log.read_text()
+    pid = fork_server.run("main.py", args[:-2] + ["--total_step", str(total), "--resume"], log)
+    assert fork_server.wait(pid) == 0, log.read_text()
     assert f"resumed from {latest} at step {step}" in log.read_text()
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, total + 1))
     assert load_checkpoint(str(latest))["step"] == total
@@ -234,14 +145,14 @@ def test_keep_last_never_deletes_what_was_just_saved(tmp_path):
 
 # ----------------------------------------------------------------------------- 2. SIGINT / SIGTERM
 
-def test_ctrl_c_burst_and_sigterm_save_the_current_step_and_say_how_to_resume(tmp_path, server):
+def test_ctrl_c_burst_and_sigterm_save_the_current_step_and_say_how_to_resume(tmp_path, fork_server):
     """Ctrl-C reaches the whole process group (DataLoader worker too) and is pressed again and again
     while the run saves; then the printed command resumes and a scheduler's SIGTERM stops it."""
     run_dir = tmp_path / "models" / "run"
     args = TINY + out_args(tmp_path) + ["--model_save_step", "100000", "--total_step", "100000",
                                         "--num_workers", "1"]
     log = tmp_path / "int.txt"
-    pid = server.run(args, log)
+    pid = fork_server.run("main.py", args, log)
     wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 3, 60,
              what="training")
     sent, end = 0, time.time() + 3
@@ -249,7 +160,7 @@ def test_ctrl_c_burst_and_sigterm_save_the_current_step_and_say_how_to_resume(tm
         os.killpg(pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         sent += 1
         time.sleep(0.01)
-    assert server.wait(pid) == 130, log.read_text()
+    assert fork_server.wait(pid) == 130, log.read_text()
     out = log.read_text()
     assert sent >= 2 and "already stopping" in out, out
     step = load_checkpoint(str(run_dir / "latest.pt"))["step"]
@@ -260,10 +171,10 @@ def test_ctrl_c_burst_and_sigterm_save_the_current_step_and_say_how_to_resume(tm
     command = re.search(r"continue with: (.*)", out).group(1).split()
     assert command[:2] == ["python", "main.py"] and command[-1] == "--resume"
     log = tmp_path / "term.txt"
-    pid = server.run(command[2:], log)
+    pid = fork_server.run("main.py", command[2:], log)
     wait_for(lambda: metrics(run_dir)[-1]["step"] >= step + 2, 60, what="resumed training")
     os.kill(pid, signal.SIGTERM)  # a scheduler's preemption, to the main process only
-    assert server.wait(pid) == 143, log.read_text()
+    assert fork_server.wait(pid) == 143, log.read_text()
     out = log.read_text()
     assert f"resumed from {run_dir / 'latest.pt'} at step {step}" in out
     step2 = load_checkpoint(str(run_dir / "latest.pt"))["step"]
@@ -536,15 +447,15 @@ def test_unwritable_save_folders_fail_at_start_with_one_line(tmp_path):
     assert not (tmp_path / "models" / "run" / "metrics.jsonl").exists()
 
 
-def _full_disk_run(tmp_path, server, save_path, fsize=0):
+def _full_disk_run(tmp_path, fork_server, save_path, fsize=0):
     """Save step 2; resume where the step-3 checkpoint can't be written. Returns the run's output."""
     # z_dim 128: checkpoints of ~1.5 MB, the size the limits below are set for
     args = TINY + ["--z_dim", "128", "--model_save_path", str(save_path), "--sample_path",
                    str(tmp_path / "samples"), "--version", "run", "--model_save_step", "1"]
     assert run_inprocess(args + ["--total_step", "2"]) is None
     log = tmp_path / "full.txt"
-    pid = server.run(args + ["--total_step", "5", "--resume"], log, fsize=fsize)
-    assert server.wait(pid) == 1, log.read_text()
+    pid = fork_server.run("main.py", args + ["--total_step", "5", "--resume"], log, fsize=fsize)
+    assert fork_server.wait(pid) == 1, log.read_text()
     out = log.read_text()
     run_dir = save_path / "run"
     assert load_checkpoint(str(run_dir / "latest.pt"))["step"] == 2  # the previous one, intact
@@ -553,15 +464,15 @@ def _full_disk_run(tmp_path, server, save_path, fsize=0):
     return out
 
 
-def test_file_size_limit_during_save_fails_loudly_and_keeps_latest(tmp_path, server):
+def test_file_size_limit_during_save_fails_loudly_and_keeps_latest(tmp_path, fork_server):
     """RLIMIT_FSIZE: the kernel refuses writes past a size (EFBIG), for any user, anywhere."""
-    out = _full_disk_run(tmp_path, server, tmp_path / "models",
+    out = _full_disk_run(tmp_path, fork_server, tmp_path / "models",
                          fsize=200_000)  # a checkpoint is ~1.5 MB; logs and samples are KBs
     assert "main.py: error: could not write the step-3 checkpoint" in out, out
     assert "latest.pt still holds step 2" in out and "--resume" in out, out
 
 
-def test_full_tmpfs_during_save_fails_loudly_and_keeps_latest(tmp_path, server):
+def test_full_tmpfs_during_save_fails_loudly_and_keeps_latest(tmp_path, fork_server):
     """A real full file system (ENOSPC), where this user may mount a small tmpfs."""
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -570,7 +481,7 @@ def test_full_tmpfs_during_save_fails_loudly_and_keeps_latest(tmp_path, server):
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root); the RLIMIT_FSIZE test covers EFBIG")
     try:
-        out = _full_disk_run(tmp_path, server, mnt)
+        out = _full_disk_run(tmp_path, fork_server, mnt)
         assert "No space left on device" in out or "could not write" in out, out
         assert "main.py: error:" in out
     finally:
@@ -580,30 +491,6 @@ def test_full_tmpfs_during_save_fails_loudly_and_keeps_latest(tmp_path, server):
 # ----------------------------------------------------------------------------- 6. visdom outages
 
 PHASE_S = float(os.environ.get("SAFETY_VISDOM_PHASE_S", 2))  # longer for a report's numbers
-
-
-def start_visdom(port, env_path, log):
-    """visdom's own server in a subprocess, loopback only, without its start-up downloads
-    (run_server.main would fetch scripts from CDNs; start_server alone doesn't)."""
-    code = ("import sys; sys.modules['torch'] = None\n"  # the server never needs torch: seconds saved
-            "from visdom.server.run_server import start_server\n"
-            f"start_server(port={port}, base_url='', env_path={str(env_path) + '/'!r}, bind_local=True)")
-    with open(log, "a") as f:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=f, stderr=subprocess.STDOUT, env=env())
-    wait_for(lambda: _answers(port), 60, proc, "the visdom server")
-    return proc
-
-
-def _answers(port):
-    import urllib.error
-    import urllib.request
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
-    except urllib.error.HTTPError:
-        pass  # an HTTP answer of any kind: it is up
-    except OSError:
-        return False
-    return True
 
 
 def dashboard_steps(port, env):
@@ -622,25 +509,30 @@ def dashboard_steps(port, env):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # visdom's client uses logger.warn
-def test_visdom_killed_hung_and_restarted_training_never_waits_and_dashboard_refills(tmp_path, server):
+def test_visdom_killed_hung_and_restarted_training_never_waits_and_dashboard_refills(tmp_path, fork_server):
     pytest.importorskip("visdom")
+    if visdom_server.missing_static():  # the project's server installs them or refuses to start
+        pytest.skip("visdom's front-end files are not installed (python visdom_server.py --install_static)")
     port, env_name = free_port(), "outage"
     run_dir = tmp_path / "models" / env_name
     args = TINY + ["--visdom"] + out_args(tmp_path, env_name) + [
         "--visdom_port", str(port), "--model_save_step", "100000", "--total_step", "100000"]
-    vis = start_visdom(port, tmp_path / "env_a", tmp_path / "visdom.txt")
+    vis = visdom_server.start_server(port, env_path=tmp_path / "env_a")
+    visdom_server.wait_until_up(port, timeout=60, proc=vis)
     log = tmp_path / "train.txt"
-    pid = server.run(args, log)
+    pid = fork_server.run("main.py", args, log)
     marks = {}
     try:
         wait_for(lambda: len(dashboard_steps(port, env_name)) >= 3, 60, what="a filled dashboard")
         marks["up"] = time.time()
         time.sleep(PHASE_S)
-        vis.kill(), vis.wait()
+        vis.kill()
+        visdom_server.stop_server(vis)  # reaps it and removes its log
         marks["killed"] = time.time()
         time.sleep(PHASE_S)
         marks["restarted"] = time.time()  # a fresh server, nothing stored: all must be resent
-        vis = start_visdom(port, tmp_path / "env_b", tmp_path / "visdom.txt")
+        vis = visdom_server.start_server(port, env_path=tmp_path / "env_b")
+        visdom_server.wait_until_up(port, timeout=60, proc=vis)
         wait_for(lambda: len(dashboard_steps(port, env_name)) >= metrics(run_dir)[-1]["step"] - 5, 30,
                  what="the dashboard to fill again")
         marks["refilled"] = time.time()
@@ -653,12 +545,12 @@ def test_visdom_killed_hung_and_restarted_training_never_waits_and_dashboard_ref
         time.sleep(PHASE_S)
         marks["end"] = time.time()
         os.killpg(pid, signal.SIGINT)
-        assert server.wait(pid) == 130, log.read_text()
+        assert fork_server.wait(pid) == 130, log.read_text()
         shown = dashboard_steps(port, env_name)
     finally:
         if vis.poll() is None:
             os.kill(vis.pid, signal.SIGCONT)
-            vis.kill(), vis.wait()
+        visdom_server.stop_server(vis)
     records = metrics(run_dir)
     assert shown == {r["step"] for r in records}, "the dashboard did not fill again with every step"
     assert "visdom: no dashboard at" in log.read_text()
