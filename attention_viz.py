@@ -6,6 +6,7 @@ conventions every figure keeps.
 import base64
 import io
 import math
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -15,7 +16,7 @@ from attention import (TOPK, attention_layers, attention_rows, cell_to_index, ce
                        check_pixel, contribution_rows, face_pixels, feature_image, format_table, gamma,
                        intervene, key_saliency, layer_statistics, map_hw, map_stats, resolve_query,
                        run_net, stats_text, to_image, topk_cells, upsample_map, z_for_seeds)
-from checkpoint import load_models
+from checkpoint import CheckpointError, list_checkpoints, load_models
 
 QUERY_COLORS = ["red", "lime", "cyan", "magenta", "yellow", "orange", "white", "deepskyblue"]
 
@@ -281,6 +282,51 @@ def plot_intervention(image, changed, cell, map_hw, title=None):
     return _finish(fig, axes, title)
 
 
+def plot_film(frames, k=TOPK, title=None):
+    """One query through training: a column per checkpoint, the image with the query cross and the
+    top-k dots above the layer's map (cell units) with the cross, the step and gamma in the column's
+    title. frames = [dict(step, image (h, w, 3), map (H, W), cell, stats)], as film_frames makes
+    them. Returns (fig, {'image': [ax per frame], 'map': [ax per frame]})."""
+    plt = _plt()
+    fig, grid = plt.subplots(2, len(frames), figsize=(max(2.4 * len(frames), 3.4), 5.2), squeeze=False)
+    for f, top, bottom in zip(frames, grid[0], grid[1]):
+        m = np.asarray(f["map"], dtype=np.float32)
+        _show_image(top, f["image"])
+        _mark(top, m, f["cell"], f["image"].shape[:2], k)
+        top.set_title(f"step {f['step']}\ngamma {f['stats']['gamma']:+.4f}", fontsize=9)
+        _show_grid(bottom, m, cmap="jet", vmin=0, gid="heat")
+        _mark(bottom, m, f["cell"], None, 0)
+        s = f["stats"]
+        bottom.set_xlabel(f"top-{s['k']} {s['top_mass']:.0%}\nH/logN {s['entropy']:.2f}", fontsize=8)
+    for ax in grid.ravel():
+        ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig, dict(image=list(grid[0]), map=list(grid[1]))
+
+
+def figure_rgb(fig, dpi=90):
+    """The whole figure as an (h, w, 3) uint8 array at its own size (no tight crop: frames of
+    equal figures come out equally large, as an animation needs)."""
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    _plt().close(fig)
+    return rgb
+
+
+def save_film_gif(frames, path, k=TOPK, title=None, seconds=0.8, dpi=90):
+    """An animated GIF with one frame per checkpoint, each plot_film's column of that checkpoint,
+    looping; the GIF's comment lists the frames' steps."""
+    from PIL import Image
+    pictures = [Image.fromarray(figure_rgb(plot_film([f], k, title)[0], dpi)) for f in frames]
+    steps = ",".join(str(f["step"]) for f in frames)
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=int(seconds * 1000),
+                     loop=0, comment=f"steps {steps}".encode())
+    return path
+
+
 def save_figure(fig, path, dpi=100):
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     _plt().close(fig)
@@ -318,9 +364,10 @@ class Explorer:
         self._run = lru_cache(maxsize=32)(self._run_uncached)
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", with_d=False, ema=True):
-        """The EMA generator when the checkpoint has one, the raw G with ema=False (it says which)."""
-        m = load_models(path, device, ema=ema, with_d=with_d)
+    def from_checkpoint(cls, path, device="cpu", with_d=False, ema=True, verbose=True):
+        """The EMA generator when the checkpoint has one, the raw G with ema=False (it says which,
+        unless `verbose` is false)."""
+        m = load_models(path, device, ema=ema, with_d=with_d, verbose=verbose)
         return cls(m.G, m.D, m.step, m.generator)
 
     def describe(self):
@@ -516,6 +563,73 @@ class Explorer:
         box = w.VBox([w.HBox([ctl["seed"], ctl["layer"]]), w.HBox([ctl["x"], ctl["y"]]),
                       w.HBox([ctl["k"], ctl["upsample"]]), view])
         return WidgetWithFallback(box, view)
+
+
+# ============================================================================ through training
+
+def film_checkpoints(path, max_frames=None):
+    """The checkpoints a film shows, oldest first: every step checkpoint (list_checkpoints) of the
+    run folder `path` is or lies in, at most `max_frames` of them evenly spaced, always the last. A
+    file beside no step checkpoint (an exported or seed-format model) makes a film of one frame."""
+    if os.path.isdir(path):
+        paths = list_checkpoints(path)
+        if not paths:
+            raise CheckpointError(f"run folder {path!r} holds no step checkpoints (ckpt_*.pt)")
+    else:  # a missing file stays, for load_models to say what is wrong with it
+        folder = os.path.dirname(os.path.abspath(path))
+        paths = (list_checkpoints(folder) if os.path.isfile(path) else []) or [path]
+    n = len(paths)
+    if max_frames and n > max_frames:
+        picks = [round(i * (n - 1) / (max_frames - 1)) for i in range(max_frames)] if max_frames > 1 else [n - 1]
+        paths = [paths[i] for i in picks]
+    return paths
+
+
+class Film:
+    """The same z (seed) and the same query across the saved checkpoints of a run: how a layer's
+    attention formed during training. Each checkpoint opens through Explorer.from_checkpoint (the
+    EMA G unless ema=False); frames keep only what the figures draw, so a long run costs one model
+    in memory at a time. `path` is a run folder or any checkpoint in one (see film_checkpoints)."""
+
+    def __init__(self, path, seed=0, layer=None, pixel=None, cell=None, max_frames=12, device="cpu",
+                 ema=True, with_d=False, d_image=None):
+        self.paths = film_checkpoints(path, max_frames)
+        self.frames = []
+        for i, p in enumerate(self.paths):
+            ex = Explorer.from_checkpoint(p, device, with_d=with_d, ema=ema, verbose=i == 0)
+            name = ex.pick_layer(layer)
+            if pixel is None and cell is None:
+                pixel = ex.default_pixel()
+            c, m, stats = ex.query(seed, name, pixel, cell, d_image)
+            self.frames.append(dict(step=ex.step, image=ex.image(seed, name, d_image), map=m, cell=c,
+                                    stats=stats))
+        query = f"pixel ({pixel[0]}, {pixel[1]})" if pixel is not None else f"cell ({c[0]}, {c[1]})"
+        self.title = ex._title(f"{name}, seed {seed},\nquery {query} through training")
+
+    @property
+    def steps(self):
+        return [f["step"] for f in self.frames]
+
+    def figure(self, k=TOPK):
+        """The strip: one column per checkpoint (plot_film)."""
+        return plot_film(self.frames, k, self.title)
+
+    def save_gif(self, path, k=TOPK, seconds=0.8):
+        return save_film_gif(self.frames, path, k, self.title, seconds)
+
+    def explore(self, k=TOPK):
+        """A slider over the saved steps showing that checkpoint's column; headless, the last
+        step's column as a still image (WidgetWithFallback)."""
+        import ipywidgets as w
+        slider = w.SelectionSlider(options=[(str(s), i) for i, s in enumerate(self.steps)],
+                                   value=len(self.frames) - 1, description="step")
+        view = w.Image(format="png")
+
+        def render(_=None):
+            view.value = figure_png(plot_film([self.frames[slider.value]], k, self.title)[0])
+        slider.observe(render, names="value")
+        render()
+        return WidgetWithFallback(w.VBox([slider, view]), view)
 
 
 class WidgetWithFallback:

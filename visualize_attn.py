@@ -6,11 +6,13 @@ checkpoint, headless (PNG out, no display needed).
     python visualize_attn.py --checkpoint models/quick/latest.pt --view grid --seeds 0-7 --out grid.png
     python visualize_attn.py --checkpoint models/quick/latest.pt --table
     python visualize_attn.py --checkpoint models/quick/latest.pt --table --json    # JSON lines
+    python visualize_attn.py --checkpoint models/quick --view film --out film.png  # and film.gif
 
 Views: query (the seed README's figure for one layer), layers (every layer side by side), queries
 (several colour-coded queries, the SAGAN paper's Figure 1), grid (one query across many images),
 saliency (attention each key receives), contribution (the weights next to what each key adds to
-the query's output), intervene (what changes in the image when one query's attention is replaced).
+the query's output), intervene (what changes in the image when one query's attention is replaced),
+film (the same image and query across the run's saved checkpoints: a strip PNG and a GIF).
 A query is an image pixel --pixel X,Y (x right, y down, from 0) or a feature cell of --layer,
 --cell ROW,COL. The generator shown is the EMA one when the
 checkpoint has it (as in the run's samples), the raw G with --raw_g; every output says which.
@@ -29,7 +31,7 @@ from attention import INTERVENTIONS, TOPK, format_json, load_image  # noqa: E402
 from checkpoint import find_checkpoint  # noqa: E402
 from cli import Parser, UserError, run  # noqa: E402
 
-VIEWS = ("query", "layers", "queries", "grid", "saliency", "contribution", "intervene")
+VIEWS = ("query", "layers", "queries", "grid", "saliency", "contribution", "intervene", "film")
 
 
 def int_pair(text):
@@ -59,13 +61,14 @@ def build_parser():
     a("--checkpoint", help="a checkpoint of this project, e.g. models/quick/latest.pt, or a seed "
                             "repository's 64px <step>_G.pth / <step>-G.ckpt (default: "
                             "$SAGAN_CHECKPOINT, else the newest run under models/, else the showcase "
-                            "model in assets/)")
+                            "model in assets/); for --view film also a run folder")
     a("--out", help="PNG file for the figure (not needed with --table alone)")
     a("--view", choices=VIEWS, default="query",
       help="query: one layer, the seed's figure; layers: every layer; queries: several colour-coded "
            "queries (one --pixel each); grid: one query across --seeds; saliency: attention received; "
            "contribution: weights and ||gamma a v|| per key; intervene: the image with the query's "
-           "attention changed (--intervention)")
+           "attention changed (--intervention); film: one column per saved checkpoint of the run "
+           "(--max_frames), and an animated GIF of them beside --out")
     a("--seed", type=int, default=0, help="seed of the generated image (z = randn from this seed)")
     a("--seeds", type=seed_list, default=list(range(8)), help="images of --view grid, e.g. 0-7")
     a("--layer", help="attention layer, e.g. G16 or D8 (default: the generator's largest)")
@@ -78,6 +81,8 @@ def build_parser():
     a("--intervention", choices=INTERVENTIONS, default="uniform",
       help="--view intervene: the query's attention row made uniform (default), the mean of all rows, "
            "or its attention term removed")
+    a("--max_frames", type=int, default=12,
+      help="--view film: at most this many checkpoints, evenly spaced, always the last")
     a("--channel", type=int, help="feature panel shows this channel (default: mean over channels)")
     a("--raw_g", action="store_true", help="show the raw G, not the EMA generator")
     a("--with_d", action="store_true", help="include the discriminator's attention layers")
@@ -99,7 +104,7 @@ def check_args(args):
         raise UserError("nothing to do: give --out FILE.png for a figure and/or --table")
     if args.json and not args.table:
         raise UserError("--json prints the table: add --table")
-    for name in ("topk", "table_images", "table_queries", "dpi"):
+    for name in ("topk", "table_images", "table_queries", "dpi", "max_frames"):
         if getattr(args, name) < (0 if name == "topk" else 1):
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.pixel and args.cell:
@@ -138,6 +143,17 @@ def make_figure(ex, args, d_image):
     return ex.saliency_figure(args.seed)
 
 
+def write_film(args, device, d_image):
+    """--view film: the strip at --out and the animated GIF beside it (same name, .gif)."""
+    film = av.Film(args.checkpoint, args.seed, args.layer, args.pixel[0] if args.pixel else None, args.cell,
+                   args.max_frames, device, ema=not args.raw_g, with_d=args.with_d or bool(args.d_image),
+                   d_image=d_image)
+    gif = film.save_gif(os.path.splitext(args.out)[0] + ".gif", args.topk)
+    fig, _ = film.figure(args.topk)
+    av.save_figure(fig, args.out, dpi=args.dpi)
+    print(f"steps {', '.join(map(str, film.steps))}: wrote {args.out} and {gif}")
+
+
 def main(argv=None):
     """The figure and/or the table the arguments ask for, from one checkpoint."""
     args = build_parser().parse_args(argv)
@@ -150,13 +166,17 @@ def main(argv=None):
             args.checkpoint, why = find_checkpoint(args.checkpoint)
             if why != "given":
                 print(f"checkpoint: {args.checkpoint} ({why})")
+            if args.view == "film":  # a run folder: the explorer and the table show its last checkpoint
+                args.checkpoint = av.film_checkpoints(args.checkpoint)[-1]
             ex = av.Explorer.from_checkpoint(args.checkpoint, device, with_d=args.with_d or bool(args.d_image),
                                              ema=not args.raw_g)
             if not ex.layers:
                 raise UserError(f"{args.checkpoint!r} has no attention layers (trained with --g_attn none)")
             d_image = load_image(args.d_image, ex.imsize, args.center_crop) if args.d_image else None
             print(ex.describe())
-            if args.out:
+            if args.out and args.view == "film":
+                write_film(args, device, d_image)
+            elif args.out:
                 fig, _ = make_figure(ex, args, d_image)
                 av.save_figure(fig, args.out, dpi=args.dpi)
                 print(f"wrote {args.out}")

@@ -244,9 +244,11 @@ def test_notebook_executes_headless(checkpoint, tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs)
     assert "32px generator at step 4, z_dim 16" in text
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(pngs) >= 8  # seven figures and the explorer's still image
+    assert len(pngs) >= 9  # seven figures and the film's and the explorer's still images
     table = [o for o in outputs if "text/markdown" in o.get("data", {})]
     assert table and "| G16 |" in table[0]["data"]["text/markdown"]
+    film = next(c for c in nb.cells if c.cell_type == "code" and "Film(" in c.source).outputs
     explorer = nb.cells[-1].outputs
-    assert any({"application/vnd.jupyter.widget-view+json", "image/png"} <= set(o.get("data", {}))
-               for o in explorer)
+    for widget in (film, explorer):  # the slider, and headless its still image
+        assert any({"application/vnd.jupyter.widget-view+json", "image/png"} <= set(o.get("data", {}))
+                   for o in widget)
