@@ -67,12 +67,12 @@ def training_time(metrics_path):
     return total, last
 
 
-def visualize(*argv):
-    """visualize_attn.py's main on the showcase model; its printed output."""
+def visualize(*argv, checkpoint=SHOWCASE):
+    """visualize_attn.py's main on the showcase model (or `checkpoint`); its printed output."""
     import visualize_attn
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        visualize_attn.main(["--checkpoint", SHOWCASE, *argv])
+        visualize_attn.main(["--checkpoint", checkpoint, *argv])
     return out.getvalue()
 
 
@@ -98,6 +98,8 @@ def export_and_draw(args):
     visualize("--view", "grid", "--seeds", "0-7", "--out", a("attn_celeb_grid.png"))
     if os.path.isfile(real):
         visualize("--view", "layers", "--d_image", real, "--out", a("attn_celeb_layers_real.png"))
+    # attention through training: the same face and eye query at the run's checkpoints
+    visualize("--view", "film", "--max_frames", "8", "--out", a("showcase_film.png"), checkpoint=run_dir)
     print(visualize("--with_d", "--table", "--table_images", "64", "--table_queries", "64",
                     "--table_out", a("attn_celeb_table.md")))
 
