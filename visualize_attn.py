@@ -4,6 +4,7 @@ checkpoint, headless (PNG out, no display needed).
     python visualize_attn.py --checkpoint models/quick/latest.pt --out attn.png
     python visualize_attn.py --checkpoint models/quick/latest.pt --view layers --pixel 12,10 --out layers.png
     python visualize_attn.py --checkpoint models/quick/latest.pt --view grid --seeds 0-7 --out grid.png
+    python visualize_attn.py --checkpoint models/quick/latest.pt --view html --out page.html
     python visualize_attn.py --checkpoint models/quick/latest.pt --table
     python visualize_attn.py --checkpoint models/quick/latest.pt --table --json    # JSON lines
     python visualize_attn.py --checkpoint models/quick --view film --out film.png  # and film.gif
@@ -12,7 +13,8 @@ Views: query (the seed README's figure for one layer), layers (every layer side 
 (several colour-coded queries, the SAGAN paper's Figure 1), grid (one query across many images),
 saliency (attention each key receives), contribution (the weights next to what each key adds to
 the query's output), intervene (what changes in the image when one query's attention is replaced),
-film (the same image and query across the run's saved checkpoints: a strip PNG and a GIF).
+film (the same image and query across the run's saved checkpoints: a strip PNG and a GIF),
+html (a standalone page: hover or click a pixel of --seeds' images, every layer of G and D follows).
 A query is an image pixel --pixel X,Y (x right, y down, from 0) or a feature cell of --layer,
 --cell ROW,COL. The generator shown is the EMA one when the
 checkpoint has it (as in the run's samples), the raw G with --raw_g; every output says which.
@@ -28,10 +30,11 @@ matplotlib.use("Agg")  # headless: never needs a display
 
 import attention_viz as av  # noqa: E402
 from attention import INTERVENTIONS, TOPK, format_json, load_image  # noqa: E402
+from attention_page import write_page  # noqa: E402
 from checkpoint import find_checkpoint  # noqa: E402
 from cli import Parser, UserError, run  # noqa: E402
 
-VIEWS = ("query", "layers", "queries", "grid", "saliency", "contribution", "intervene", "film")
+VIEWS = ("query", "layers", "queries", "grid", "saliency", "contribution", "intervene", "film", "html")
 
 
 def int_pair(text):
@@ -62,15 +65,16 @@ def build_parser():
                             "repository's 64px <step>_G.pth / <step>-G.ckpt (default: "
                             "$SAGAN_CHECKPOINT, else the newest run under models/, else the showcase "
                             "model in assets/); for --view film also a run folder")
-    a("--out", help="PNG file for the figure (not needed with --table alone)")
+    a("--out", help="PNG file for the figure, HTML file for --view html (not needed with --table alone)")
     a("--view", choices=VIEWS, default="query",
       help="query: one layer, the seed's figure; layers: every layer; queries: several colour-coded "
            "queries (one --pixel each); grid: one query across --seeds; saliency: attention received; "
            "contribution: weights and ||gamma a v|| per key; intervene: the image with the query's "
            "attention changed (--intervention); film: one column per saved checkpoint of the run "
-           "(--max_frames), and an animated GIF of them beside --out")
+           "(--max_frames), and an animated GIF of them beside --out; html: a standalone page of "
+           "every layer of G and D for the query under the mouse, over --seeds")
     a("--seed", type=int, default=0, help="seed of the generated image (z = randn from this seed)")
-    a("--seeds", type=seed_list, default=list(range(8)), help="images of --view grid, e.g. 0-7")
+    a("--seeds", type=seed_list, default=list(range(8)), help="images of --view grid and html, e.g. 0-7")
     a("--layer", help="attention layer, e.g. G16 or D8 (default: the generator's largest)")
     a("--pixel", type=int_pair, action="append", metavar="X,Y",
       help="query as an image pixel (default: about a face's left eye); repeat for --view queries")
@@ -117,7 +121,12 @@ def check_args(args):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise UserError(f"cannot write {path!r}: folder {folder!r} does not exist")
-    if args.out and not args.out.lower().endswith((".png", ".pdf", ".svg", ".jpg")):
+    if args.view == "html":
+        if args.out and not args.out.lower().endswith((".html", ".htm")):
+            raise UserError(f"--out {args.out!r}: --view html writes a .html file")
+        if args.d_image:
+            raise UserError("--view html shows D on the generated images: --d_image is for the figure views")
+    elif args.out and not args.out.lower().endswith((".png", ".pdf", ".svg", ".jpg")):
         raise UserError(f"--out {args.out!r}: use a .png (or .pdf, .svg, .jpg) file name")
 
 
@@ -168,14 +177,18 @@ def main(argv=None):
                 print(f"checkpoint: {args.checkpoint} ({why})")
             if args.view == "film":  # a run folder: the explorer and the table show its last checkpoint
                 args.checkpoint = av.film_checkpoints(args.checkpoint)[-1]
-            ex = av.Explorer.from_checkpoint(args.checkpoint, device, with_d=args.with_d or bool(args.d_image),
-                                             ema=not args.raw_g)
+            # the page shows every layer of G and D: D whenever the checkpoint has one
+            with_d = args.with_d or bool(args.d_image) or (None if args.view == "html" else False)
+            ex = av.Explorer.from_checkpoint(args.checkpoint, device, with_d=with_d, ema=not args.raw_g)
             if not ex.layers:
                 raise UserError(f"{args.checkpoint!r} has no attention layers (trained with --g_attn none)")
             d_image = load_image(args.d_image, ex.imsize, args.center_crop) if args.d_image else None
             print(ex.describe())
             if args.out and args.view == "film":
                 write_film(args, device, d_image)
+            elif args.out and args.view == "html":
+                size, seconds = write_page(ex, args.out, args.seeds, args.topk)
+                print(f"wrote {args.out}: {size / 1e6:.2f} MB, {len(args.seeds)} seeds, built in {seconds:.1f} s")
             elif args.out:
                 fig, _ = make_figure(ex, args, d_image)
                 av.save_figure(fig, args.out, dpi=args.dpi)
