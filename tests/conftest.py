@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# real CelebA faces, where the developers' shared data sits beside the checkout; tests skip without it
+CELEBA_SAMPLE = ROOT.parent / "shared" / "data" / "celeba_sample"
 
 # The tiny run every test trains: main.py's smoke preset (built-in faces, 32px, widths 8, z_dim 16,
 # batch 4, 2 steps, no dashboard). Flags after it win over the preset's values.
@@ -122,3 +124,34 @@ def fork_server():
     server = ForkServer()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A real 32px checkpoint: 4 steps of main.py on the built-in data (the explorer's tests)."""
+    tmp = tmp_path_factory.mktemp("explorer")
+    cmd = [sys.executable, str(ROOT / "main.py"), *SMOKE, "--total_step", "4",
+           "--log_step", "2", "--sample_step", "4", "--model_save_step", "4", "--version", "t",
+           "--model_save_path", str(tmp / "models"), "--sample_path", str(tmp / "samples")]
+    subprocess.run(cmd, check=True, cwd=tmp, env=one_thread_env(), capture_output=True, timeout=300)
+    path = tmp / "models" / "t" / "latest.pt"
+    assert path.is_file()
+    return str(path)
+
+
+def explorer_cli(*args):
+    """visualize_attn.main in this process, ended as the command ends it: (exit code, message)."""
+    import visualize_attn
+    from cli import run
+    try:
+        run("visualize_attn.py", visualize_attn.main, [str(a) for a in args])
+    except SystemExit as e:
+        return (e.code if isinstance(e.code, int) else 1), str(e.code)
+    return 0, ""
+
+
+def is_png(path, min_wh=(200, 150)):
+    """A PNG file of at least min_wh pixels (a figure, not an empty canvas)."""
+    from PIL import Image
+    with Image.open(path) as img:
+        return img.format == "PNG" and img.size[0] >= min_wh[0] and img.size[1] >= min_wh[1]

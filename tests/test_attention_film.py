@@ -16,8 +16,7 @@ from PIL import Image  # noqa: E402
 import attention_viz as av  # noqa: E402
 from attention import cell_to_pixel, pixel_to_cell  # noqa: E402
 from checkpoint import list_checkpoints, saved_steps  # noqa: E402
-from conftest import ROOT, SMOKE, one_thread_env  # noqa: E402
-from test_visualize_attn import cli, is_png  # noqa: E402
+from conftest import ROOT, SMOKE, explorer_cli as cli, is_png, one_thread_env  # noqa: E402
 
 
 @pytest.fixture(scope="module")

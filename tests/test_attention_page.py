@@ -14,9 +14,9 @@ import torch
 import attention as at
 import attention_page as ap
 import attention_viz as av
+from conftest import explorer_cli as cli
 from sagan_models import Discriminator, Generator
 from test_attention_viz import planted_map, tiny_g
-from test_visualize_attn import checkpoint, cli  # noqa: F401 (checkpoint: the real smoke run, a fixture)
 from tools.dashboard_screenshot import CHROMIUM, chromium_page
 
 SEEDS = [0, 3]

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, SMOKE
+from conftest import CELEBA_SAMPLE, ROOT, SMOKE
 from data_loader import ImageFolderFlat
 from image_cache import cache_path, cached
 
-CELEBA = "/work/shared/data/celeba_sample/img_align_celeba"
+CELEBA = str(CELEBA_SAMPLE / "img_align_celeba")
 
 
 def write_jpegs(folder, n, size=(178, 218), seed=0):

@@ -1,16 +1,15 @@
 """Datasets: built-in faces, image folders of any nesting, the real CelebA sample, data order."""
 import os
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import CELEBA_SAMPLE
 from data_loader import ImageFolderFlat, StepBatchSampler, SyntheticFaces, find_images, synthetic_face
 
-CELEBA_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeba_sample"
 
 
 @pytest.mark.parametrize("imsize", [32, 64, 128, 256])

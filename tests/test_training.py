@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, load_generator
-from conftest import ROOT, SMOKE, free_port
+from conftest import CELEBA_SAMPLE, ROOT, SMOKE, free_port
 
-CELEBA_SAMPLE = ROOT.parent / "shared" / "data" / "celeba_sample"
 
 
 def run_main(tmp_path, *args, check=True, timeout=300):

@@ -11,46 +11,16 @@ matplotlib.use("Agg")
 import nbformat  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 import attention as at  # noqa: E402
 import attention_viz as av  # noqa: E402
-import visualize_attn  # noqa: E402
 from checkpoint import CheckpointError, load_models  # noqa: E402
-from cli import run  # noqa: E402
-from conftest import ROOT, SMOKE, one_thread_env  # noqa: E402
+from conftest import CELEBA_SAMPLE, ROOT, explorer_cli as cli, is_png, one_thread_env  # noqa: E402
 from sagan_models import Generator  # noqa: E402
 
 NOTEBOOK = os.path.join(ROOT, "visualize_attn.ipynb")
-CELEBA = "/work/shared/data/celeba_sample/img_align_celeba"
+CELEBA = str(CELEBA_SAMPLE / "img_align_celeba")
 ENV = one_thread_env()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A real 32px checkpoint: 4 steps of main.py on the built-in data."""
-    tmp = tmp_path_factory.mktemp("explorer")
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), *SMOKE, "--total_step", "4",
-           "--log_step", "2", "--sample_step", "4", "--model_save_step", "4", "--version", "t",
-           "--model_save_path", str(tmp / "models"), "--sample_path", str(tmp / "samples")]
-    subprocess.run(cmd, check=True, cwd=tmp, env=ENV, capture_output=True, timeout=300)
-    path = tmp / "models" / "t" / "latest.pt"
-    assert path.is_file()
-    return str(path)
-
-
-def cli(*args):
-    """visualize_attn.main in this process, ended as the command ends it: (exit code, message)."""
-    try:
-        run("visualize_attn.py", visualize_attn.main, [str(a) for a in args])
-    except SystemExit as e:
-        return (e.code if isinstance(e.code, int) else 1), str(e.code)
-    return 0, ""
-
-
-def is_png(path, min_wh=(200, 150)):
-    with Image.open(path) as img:
-        return img.format == "PNG" and img.size[0] >= min_wh[0] and img.size[1] >= min_wh[1]
 
 
 def test_cli_writes_every_view_headless(checkpoint, tmp_path, capsys):
