@@ -1,5 +1,6 @@
-# Two commands on a fresh machine: `make demo` (set up, then train on the built-in data)
-# and `make test` (set up, then run the tests). Both only need python3 (3.9+) with venv.
+# Two commands on a fresh machine: `make demo` (set up, start the dashboard, train on the built-in
+# data, write the explorer page) and `make test` (set up, then run the tests). Both only need
+# python3 (3.9+) with venv.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,8 +16,11 @@ $(VENV)/.installed: requirements.txt constraints.txt
 	$(BIN)/python visdom_server.py --install_static || echo "dashboard front end not installed (needs npm); training works without it"
 	touch $@
 
+# the dashboard in the background (unless one runs), the quick run, then the explorer page of its model
 demo: setup
+	$(BIN)/python visdom_server.py --background || echo "no dashboard; training works without it"
 	$(BIN)/python main.py --preset quick
+	$(BIN)/python visualize_attn.py --checkpoint models/quick/latest.pt --view html --out samples/quick/explorer.html
 
 test: setup
 	$(BIN)/python -m pytest -q tests

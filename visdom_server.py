@@ -7,6 +7,7 @@ build.py expects, and the server is started without the download step.
 
     python visdom_server.py --install_static          # once per venv
     python visdom_server.py [--port 8097] [--hostname localhost] [--env_path DIR]
+    python visdom_server.py --background    # start one in the background unless one answers already
 
 From tests:  proc = start_server(port, env_path=d); wait_until_up(port); stop_server(proc)
 """
@@ -187,18 +188,46 @@ def wait_until_up(port, timeout=15.0, host="127.0.0.1", proc=None):
     """Poll GET / until it answers 200; raise RuntimeError on timeout or if proc exits."""
     url = f"http://{host}:{port}/"
     deadline = time.monotonic() + timeout
-    while True:
+    while not answering(port, host):
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"visdom server exited with {proc.returncode}:\n{_log_tail(proc)}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return url
-        except OSError:
-            pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"visdom server not up at {url} after {timeout}s\n{_log_tail(proc)}")
         time.sleep(0.1)
+    return url
+
+
+def answering(port, host="127.0.0.1"):
+    """True when something on host:port answers GET / with 200 (a dashboard is up)."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start_background(port, hostname, env_path=None, log_dir=".cache"):
+    """A server that outlives this command (its own session; output in <log_dir>/visdom_<port>.log),
+    started unless one answers on the port already; says where to open it."""
+    url = f"http://{hostname}:{port}"
+    if answering(port, hostname):
+        print(f"dashboard: already running at {url}")
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    log_path = os.path.join(log_dir, f"visdom_{port}.log")
+    cmd = [sys.executable, os.path.abspath(__file__), "--port", str(port), "--hostname", hostname]
+    if env_path is not None:
+        cmd += ["--env_path", str(env_path)]
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # Ctrl-C in this terminal leaves it running
+    proc.log_path = log_path
+    try:
+        wait_until_up(port, timeout=30, host=hostname, proc=proc)
+    except RuntimeError as e:
+        raise UserError(f"the dashboard server did not start on {hostname}:{port} "
+                        f"({str(e).splitlines()[0]}); see {log_path}") from None
+    print(f"dashboard: started at {url} (pid {proc.pid}, log {log_path}; stop it with kill {proc.pid})")
 
 
 def stop_server(proc, timeout=5.0):
@@ -233,6 +262,8 @@ def main(argv=None):
                    help="address to bind (default localhost; 0.0.0.0 exposes it to the network)")
     p.add_argument("--env_path", default=None,
                    help="where visdom saves environments (default ~/.visdom/)")
+    p.add_argument("--background", action="store_true",
+                   help="start the server in the background and return, unless one answers already")
     args = p.parse_args(argv)
 
     if args.install_static:
@@ -245,6 +276,9 @@ def main(argv=None):
                             "run `python visdom_server.py --install_static` on a machine with npm")
         print("visdom static files missing; installing them first (--install_static)")
         install_static()
+    if args.background:
+        start_background(args.port, args.hostname, args.env_path)
+        return
     # The server process never touches tensors; blocking torch saves ~2 s of startup
     # (visdom/__init__.py imports it only to recognise torch.Tensor arguments).
     sys.modules.setdefault("torch", None)

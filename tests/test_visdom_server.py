@@ -1,5 +1,9 @@
 """The offline visdom server: real subprocess on a free loopback port, no CDN."""
 import json
+import os
+import signal
+import subprocess
+import sys
 import urllib.request
 from html.parser import HTMLParser
 from urllib.parse import urljoin, urlparse
@@ -7,7 +11,7 @@ from urllib.parse import urljoin, urlparse
 import pytest
 
 import visdom_server
-from conftest import free_port
+from conftest import ROOT, free_port
 
 pytest.importorskip("visdom", reason="visdom is not installed")
 
@@ -97,3 +101,19 @@ def test_line_plot_round_trip(server):
     assert trace["x"] == [0, 1, 2, 3]
     assert trace["y"] == [1.0, 0.5, 0.25, 0.125]
     assert data["title"] == "loss"
+
+
+def test_background_server_starts_once_and_outlives_the_command(static_installed, tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "visdom_server.py", "--background", "--port", str(port), "--hostname", "127.0.0.1",
+           "--env_path", str(tmp_path / "env")]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert f"dashboard: started at http://127.0.0.1:{port} (pid " in first.stdout, first.stdout
+    pid = int(first.stdout.split("(pid ")[1].split(",")[0])
+    try:
+        assert visdom_server.answering(port)  # the command returned, the server runs on
+        again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "already running" in again.stdout, again.stdout + again.stderr
+    finally:
+        os.kill(pid, signal.SIGTERM)
