@@ -217,6 +217,9 @@ def test_notebook_executes_headless(checkpoint, tmp_path, monkeypatch):
     assert len(pngs) >= 9  # seven figures and the film's and the explorer's still images
     table = [o for o in outputs if "text/markdown" in o.get("data", {})]
     assert table and "| G16 |" in table[0]["data"]["text/markdown"]
+    page = next(c for c in nb.cells if c.cell_type == "code" and "notebook_page(" in c.source).outputs
+    html = "".join(o.get("data", {}).get("text/html", "") for o in page)
+    assert html.startswith("<iframe srcdoc=") and "SAGAN attention explorer" in html  # the clickable page
     film = next(c for c in nb.cells if c.cell_type == "code" and "Film(" in c.source).outputs
     explorer = nb.cells[-1].outputs
     for widget in (film, explorer):  # the slider, and headless its still image
