@@ -6,6 +6,7 @@ spectral.py; houze-liu/Attention-Visualization-GAN's modules.py, self_attention.
 the same module tree, so state_dict() gives their key names and shapes, and the same forward,
 including the power iteration their SpectralNorm runs on every call. Weights are random.
 """
+import json
 import os
 import subprocess
 import sys
@@ -252,6 +253,21 @@ def test_the_cli_draws_a_seed_file(tmp_path):
     _, path = seed_file(tmp_path, HOUZE, z_dim=128, step=4000)
     visualize_attn.main(["--checkpoint", str(path), "--view", "layers", "--out", str(tmp_path / "h.png")])
     assert (tmp_path / "h.png").is_file()
+
+
+def test_the_page_film_and_interventions_work_on_a_seed_file(tmp_path, capsys):
+    _, path = seed_file(tmp_path, HEYKEETAE)
+    page, film = tmp_path / "page.html", tmp_path / "film.png"
+    for argv in (["--view", "html", "--seeds", "0-1", "--out", page],
+                 ["--view", "film", "--out", film],
+                 ["--view", "intervene", "--out", tmp_path / "i.png"],
+                 ["--table", "--json", "--table_images", "2", "--table_queries", "4"]):
+        visualize_attn.main(["--checkpoint", str(path), *map(str, argv)])
+    assert "G16" in page.read_text() and "G32" in page.read_text()
+    with Image.open(film.with_suffix(".gif")) as gif:
+        assert gif.n_frames == 1  # one file, not a run: a film of one frame
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["layer"] for r in rows] == ["G16", "G32"] and all("ablation_delta" in r for r in rows)
 
 
 def test_the_notebook_opens_a_seed_file(tmp_path, monkeypatch, capsys):
