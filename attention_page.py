@@ -110,17 +110,26 @@ def page_data(ex, seeds, k=TOPK):
                 default_pixel=list(ex.default_pixel()), layers=layers, seeds=per_seed)
 
 
-def build_page(ex, seeds, k=TOPK):
-    """The page's HTML text."""
-    data = json.dumps(page_data(ex, seeds, k), separators=(",", ":"))
+def film_data(film, k=TOPK):
+    """The page's 'through training' slider from an attention_viz.Film: its title and, per saved
+    checkpoint, the step and the film's column for it (plot_film) as a PNG data: URI."""
+    from attention_viz import figure_png, plot_film
+    frames = [dict(step=f["step"], image="data:image/png;base64," + base64.b64encode(
+        figure_png(plot_film([f], k)[0])).decode("ascii")) for f in film.frames]
+    return dict(title=film.title.replace("\n", " "), frames=frames)
+
+
+def build_page(ex, seeds, k=TOPK, film=None):
+    """The page's HTML text; `film` (film_data) adds the slider through the run's checkpoints."""
+    data = json.dumps(dict(page_data(ex, seeds, k), film=film), separators=(",", ":"))
     # '</' inside the JSON would end the script element early
     return PAGE.replace("/*DATA*/", data.replace("</", "<\\/"))
 
 
-def write_page(ex, path, seeds, k=TOPK):
+def write_page(ex, path, seeds, k=TOPK, film=None):
     """Write the page to `path`; returns (size in bytes, seconds it took to build)."""
     t0 = time.perf_counter()
-    html = build_page(ex, seeds, k)
+    html = build_page(ex, seeds, k, film)
     with open(path, "w", encoding="utf-8") as f:
         f.write(html)
     return len(html.encode("utf-8")), time.perf_counter() - t0
@@ -165,6 +174,9 @@ body { font-family: sans-serif; margin: 12px; background: #fafafa; color: #222; 
 </div>
 <div id="describe" class="hint"></div>
 <div id="panels"></div>
+<div id="film" hidden><h3 id="film-title"></h3>
+  <input type="range" id="film-step" min="0" value="0"> <span id="film-label"></span><br>
+  <img id="film-image" alt="the query at this checkpoint"></div>
 <script type="application/json" id="data">/*DATA*/</script>
 <script>
 "use strict";
@@ -318,5 +330,18 @@ async function draw() {
   }
   render();
 })();
+if (DATA.film) {  // the same image and query at each saved checkpoint of the run
+  const F = DATA.film.frames, slider = document.getElementById("film-step");
+  const show = i => {
+    document.getElementById("film-image").src = F[i].image;
+    document.getElementById("film-label").textContent = `step ${F[i].step} (${i + 1} of ${F.length})`;
+  };
+  document.getElementById("film-title").textContent = DATA.film.title;
+  slider.max = F.length - 1;
+  slider.value = F.length - 1;
+  slider.addEventListener("input", () => show(+slider.value));
+  show(F.length - 1);
+  document.getElementById("film").hidden = false;
+}
 </script></body></html>
 """

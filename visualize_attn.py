@@ -30,8 +30,8 @@ matplotlib.use("Agg")  # headless: never needs a display
 
 import attention_viz as av  # noqa: E402
 from attention import INTERVENTIONS, TOPK, format_json, load_image  # noqa: E402
-from attention_page import write_page  # noqa: E402
-from checkpoint import find_checkpoint  # noqa: E402
+from attention_page import film_data, write_page  # noqa: E402
+from checkpoint import find_checkpoint, saved_steps  # noqa: E402
 from cli import Parser, UserError, run  # noqa: E402
 
 VIEWS = ("query", "layers", "queries", "grid", "saliency", "contribution", "intervene", "film", "html")
@@ -163,6 +163,15 @@ def write_film(args, device, d_image):
     print(f"steps {', '.join(map(str, film.steps))}: wrote {args.out} and {gif}")
 
 
+def page_film(args, device):
+    """The page's slider through training, when the checkpoint is one of a run's several saved steps."""
+    if len(saved_steps(os.path.dirname(os.path.abspath(args.checkpoint)))) < 2:
+        return None
+    film = av.Film(args.checkpoint, args.seed, args.layer, args.pixel[0] if args.pixel else None, args.cell,
+                   args.max_frames, device, ema=not args.raw_g)
+    return film_data(film, args.topk)
+
+
 def main(argv=None):
     """The figure and/or the table the arguments ask for, from one checkpoint."""
     args = build_parser().parse_args(argv)
@@ -187,7 +196,7 @@ def main(argv=None):
             if args.out and args.view == "film":
                 write_film(args, device, d_image)
             elif args.out and args.view == "html":
-                size, seconds = write_page(ex, args.out, args.seeds, args.topk)
+                size, seconds = write_page(ex, args.out, args.seeds, args.topk, page_film(args, device))
                 print(f"wrote {args.out}: {size / 1e6:.2f} MB, {len(args.seeds)} seeds, built in {seconds:.1f} s")
             elif args.out:
                 fig, _ = make_figure(ex, args, d_image)

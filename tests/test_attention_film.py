@@ -1,7 +1,9 @@
 """Attention through training (--view film, attention_viz.Film) on a real tiny run that saved
 several checkpoints: the strip and the GIF hold one column / frame per checkpoint, in step order,
 each drawn from that checkpoint's generator for the same z and query."""
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import attention_viz as av  # noqa: E402
 from attention import cell_to_pixel, pixel_to_cell  # noqa: E402
 from checkpoint import list_checkpoints, saved_steps  # noqa: E402
 from conftest import ROOT, SMOKE, explorer_cli as cli, is_png, one_thread_env  # noqa: E402
+from tools.dashboard_screenshot import CHROMIUM, chromium_page  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +121,30 @@ def test_bad_film_inputs_are_one_line_errors(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err  # argparse's own error: one line too
     assert "invalid int value: 'many'" in err and err.count("\n") == 1
     assert not out.exists() and not (tmp_path / "x.gif").exists()
+
+
+def test_the_page_has_a_slider_through_the_runs_checkpoints(run_dir, tmp_path):
+    page = tmp_path / "page.html"
+    assert cli("--checkpoint", os.path.join(run_dir, "latest.pt"), "--view", "html", "--seeds", "0",
+               "--out", page)[0] == 0
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>',
+                                page.read_text(), re.S).group(1))
+    frames = data["film"]["frames"]
+    assert [f["step"] for f in frames] == saved_steps(run_dir) == [2, 4, 6]
+    assert "through training" in data["film"]["title"]
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed")
+    with chromium_page() as (p, urls):
+        p.goto(page.as_uri())
+        p.wait_for_selector("body[data-ready='1']", timeout=30000)
+        assert p.text_content("#film-label") == "step 6 (3 of 3)"  # opens at the last checkpoint
+        p.eval_on_selector("#film-step", "s => { s.value = 0; s.dispatchEvent(new Event('input')); }")
+        assert p.text_content("#film-label") == "step 2 (1 of 3)"
+        assert p.get_attribute("#film-image", "src") == frames[0]["image"]
+        assert all(u.startswith(("file:", "data:")) for u in urls)
+    # a file outside a run has no slider
+    single = tmp_path / "one"
+    single.mkdir()
+    shutil.copy(os.path.join(run_dir, "latest.pt"), single / "model.pt")
+    assert cli("--checkpoint", single / "model.pt", "--view", "html", "--seeds", "0", "--out", page)[0] == 0
+    assert '"film":null' in page.read_text()
