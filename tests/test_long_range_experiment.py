@@ -201,4 +201,5 @@ def test_experiment_runs_two_seeds_per_arm_and_writes_tables_json_and_figures(tm
     assert (out / "results.md").read_text().strip() in text
     for fig in res["figures"]:
         assert os.path.getsize(fig) > 1000
-    assert len(res["figures"]) == 2  # the arm with attention only
+    assert len(res["figures"]) == 3  # the eye query of the arm with attention (2), both arms' irises (1)
+    assert res["figures"][-1].endswith("irises_seed0.png")
