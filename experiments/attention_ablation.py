@@ -480,25 +480,24 @@ def irises_figure(args, layout):
     import matplotlib.pyplot as plt
     seed = args.seeds[0]
     steps = [s for s in saved_steps(run_dir(args, "attn", seed)) if s <= args.steps]
-    z = None
+    z = fixed_z(IRIS_FACES, args.z_dim)
     rows = []
     for step in steps:
         row = []
         for arm in ARMS:
             G = load_generator(os.path.join(run_dir(args, arm, seed), ckpt_name(step)), ema=False, verbose=False)
-            z = fixed_z(IRIS_FACES, G.z_dim) if z is None else z
             band = eye_band(generated_faces(G, z), layout)                  # (n, h, w, 3)
             gap = np.ones((band.shape[1], 1, 3))
             row.append(np.concatenate([x for b in band for x in (b, gap)][:-1], axis=1))  # (h, n * (w + 1) - 1, 3)
         gap = np.ones((row[0].shape[0], 4, 3))
-        rows.append(np.concatenate([row[0], gap, row[1]], axis=1))
+        rows.append(np.concatenate([x for r in row for x in (r, gap)][:-1], axis=1))
     h = rows[0].shape[0]
     grid = np.concatenate([np.concatenate([r, np.ones((2, r.shape[1], 3))]) for r in rows])[:-2]
     fig, ax = plt.subplots(figsize=(10, 10 * grid.shape[0] / grid.shape[1] + 0.8))
     ax.imshow(grid.clip(0, 1), interpolation="nearest")
     ax.set_yticks([(h + 2) * i + h / 2 for i in range(len(steps))], [f"step {s}" for s in steps])
-    half = rows[0].shape[1] / 2
-    ax.set_xticks([half / 2, half + half / 2], [ARM_NAMES[a] for a in ARMS])
+    arm_w = row[0].shape[1] + 4
+    ax.set_xticks([arm_w * k + row[0].shape[1] / 2 for k in range(len(ARMS))], [ARM_NAMES[a] for a in ARMS])
     ax.xaxis.tick_top()
     ax.tick_params(length=0)
     for side in ax.spines.values():
