@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup demo test notebook
 setup: $(VENV)/.installed
 
 # visdom 0.2.4 only builds with setuptools<81: the constraint reaches pip's build environments too
@@ -24,3 +24,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# the attention notebook in JupyterLab, on the newest checkpoint under models/ (`make demo` leaves
+# models/quick/latest.pt; SAGAN_CHECKPOINT=path picks another)
+# (trusted, so its outputs' scripts run; --allow-root only where make runs as root, as in containers)
+notebook: setup
+	$(BIN)/jupyter trust visualize_attn.ipynb
+	$(BIN)/jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) visualize_attn.ipynb
