@@ -34,8 +34,9 @@ import zlib
 import numpy as np
 import torch
 
-from attention import (TOPK, attention_rows, contribution_rows, entropy_norm, gamma, mean_distance,
-                       topk_mass, uniform_distance)
+from attention import (TOPK, attention_layers, attention_rows, contribution_rows, entropy_norm, gamma,
+                       intervene, mean_distance, to_image, topk_mass, uniform_distance, z_for_seeds)
+from attention_colors import lut
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATE, STYLE, SCRIPT = "attention_page.html", "attention_page.css", "attention_page.js"
@@ -78,24 +79,57 @@ def png_data_uri(image):
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def contribution_stats(contrib, queries, map_hw, img_hw, k=TOPK):
+    """The figures' three numbers of contribution rows (Q, N) rather than of the weights: each row
+    normalised to sum 1 (where each query's added vector comes from), then its top-k share, H/logN
+    and mean distance (attention.py's functions): (Q, 3), NaN for a row that adds nothing (gamma 0)."""
+    total = contrib.sum(dim=1, keepdim=True)                             # (Q, 1)
+    p = contrib / total.clamp_min(1e-30)
+    stats = torch.stack([topk_mass(p, k), entropy_norm(p), mean_distance(p, queries, map_hw, img_hw)], dim=1)
+    return torch.where(total > 0, stats, torch.nan)                      # (Q, 3)
+
+
 @torch.no_grad()
 def layer_data(layer, features, img_hw, k=TOPK):
     """Everything the page shows for one layer of one image, every query cell: packed arrays."""
     H, W = features.shape[2:]
     N = H * W
     queries = torch.arange(N)
-    rows = attention_rows(layer, features, queries)                     # (1, N, N)
-    contrib = contribution_rows(layer, features, queries)[0].cpu().numpy()  # (N, N)
+    rows = attention_rows(layer, features, queries)[0]                   # (N, N)
+    contrib = contribution_rows(layer, features, queries)[0]            # (N, N)
     v_norm = layer.project(features)[2].norm(dim=1)[0]                  # (N,): ||v_k||, for the page's
                                                                         # contribution map
-    stats = torch.stack([topk_mass(rows[0], k), entropy_norm(rows[0]),
-                         mean_distance(rows[0], queries, (H, W), img_hw)], dim=1)  # (N, 3)
-    rows = rows[0].cpu().numpy()
+    stats = torch.stack([topk_mass(rows, k), entropy_norm(rows),
+                         mean_distance(rows, queries, (H, W), img_hw)], dim=1)  # (N, 3)
+    cstats = contribution_stats(contrib, queries, (H, W), img_hw, k)      # (N, 3)
+    rows, contrib = rows.cpu().numpy(), contrib.cpu().numpy()
     top, top_w = topk_rows(rows, k)
     ctop, ctop_w = topk_rows(contrib, k)
     return dict(weights=pack(quantise_rows(rows), "u1"), v_norm=pack(v_norm.cpu().numpy(), "f4"),
                 top=pack(top, "u2"), top_w=pack(top_w, "f4"), ctop=pack(ctop, "u2"), ctop_w=pack(ctop_w, "f4"),
-                stats=pack(stats.cpu().numpy(), "f4"), csum=pack(contrib.sum(axis=1), "f4"))
+                stats=pack(stats.cpu().numpy(), "f4"), cstats=pack(cstats.cpu().numpy(), "f4"),
+                csum=pack(contrib.sum(axis=1), "f4"))
+
+
+PAGE_INTERVENTIONS = ("remove", "uniform")
+
+
+@torch.no_grad()
+def intervention_data(ex, seed):
+    """{G layer: {mode: {image: PNG data: URI, delta}}}: seed's image made with that layer's attention
+    changed at every query (attention.intervene, 'remove' and 'uniform', the rest as trained), and
+    delta, the mean absolute change of its pixel values (0..1) against the original: the value
+    attention.intervention_deltas gives for this one image."""
+    z = z_for_seeds([seed], ex.G.z_dim).to(ex.device)
+    original = ex.image(seed)
+    out = {}
+    for name, layer in attention_layers(ex.G).items():
+        for mode in PAGE_INTERVENTIONS:
+            with intervene(layer, mode):
+                changed = to_image(ex.G(z)[0])
+            out.setdefault(name, {})[mode] = dict(image=png_data_uri(changed),
+                                                  delta=float(np.abs(changed - original).mean()))
+    return out
 
 
 def page_data(ex, seeds, k=TOPK):
@@ -106,25 +140,31 @@ def page_data(ex, seeds, k=TOPK):
     layers = []
     for name, layer in ex.layers.items():
         H, W = ex.features(seeds[0], name).shape[2:]
-        layers.append(dict(name=name, H=H, W=W, gamma=gamma(layer),
+        layers.append(dict(name=name, H=H, W=W, gamma=gamma(layer), net=name[0],
                            dist_uniform=pack(uniform_distance(torch.arange(H * W), (H, W), img_hw).numpy(), "f4")))
     per_seed = []
     for seed in seeds:
         _, feats = ex.run(seed)
         per_seed.append(dict(seed=int(seed), image=png_data_uri(ex.image(seed)),
                              layers={name: layer_data(layer, feats[name], img_hw, k)
-                                     for name, layer in ex.layers.items()}))
+                                     for name, layer in ex.layers.items()},
+                             interventions=intervention_data(ex, seed)))
     return dict(describe=ex.describe(), generator=ex.generator, step=ex.step, imsize=ex.imsize, k=k,
-                default_pixel=list(ex.default_pixel()), layers=layers, seeds=per_seed)
+                default_pixel=list(ex.default_pixel()), layers=layers, seeds=per_seed,
+                lut=lut().tolist())
 
 
 def film_data(film, k=TOPK):
-    """The page's 'through training' slider from an attention_viz.Film: its title and, per saved
-    checkpoint, the step and the film's column for it (plot_film) as a PNG data: URI."""
+    """The page's 'through training' slider from an attention_viz.Film: its title, what it shows
+    (seed, layer, query: the page names them and writes the command for another query), the run
+    folder and, per saved checkpoint, the step and the film's column for it (plot_film) as a PNG
+    data: URI."""
     from attention_viz import figure_png, plot_film
     frames = [dict(step=f["step"], image="data:image/png;base64," + base64.b64encode(
         figure_png(plot_film([f], k)[0])).decode("ascii")) for f in film.frames]
-    return dict(title=film.title.replace("\n", " "), frames=frames)
+    return dict(title=film.title.replace("\n", " "), frames=frames, seed=film.seed, layer=film.layer,
+                pixel=film.pixel and list(film.pixel), cell=film.cell and list(film.cell),
+                run=os.path.dirname(film.paths[-1]))
 
 
 def _read(name):
