@@ -202,8 +202,9 @@ def write_page(ex, path, seeds, k=TOPK, film=None):
 
 def notebook_page(ex, seeds, k=TOPK, height=720):
     """The page as a notebook output: an iframe holding it (srcdoc), so a click on the image picks the
-    query in JupyterLab and VS Code as in the standalone file. A static render of the notebook shows
-    no page (the notebook's figure cells are its still images)."""
+    query in JupyterLab and VS Code as in the standalone file. The iframe opens `height` px tall and
+    the page, once drawn, grows it to its own height (a srcdoc frame is same-origin), so nothing is
+    cut off. A static render of the notebook shows no page (the figure cells are its still images)."""
     from IPython.display import HTML
     srcdoc = html.escape(build_page(ex, seeds, k), quote=True)
     with warnings.catch_warnings():  # IPython suggests IFrame, which takes a URL: the page has none

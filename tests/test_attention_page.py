@@ -415,3 +415,51 @@ def test_cli_writes_the_page_from_a_checkpoint(checkpoint, tmp_path, capsys):  #
     assert f"weights of the {data['generator']}" in data["describe"]
     code, msg = cli("--checkpoint", checkpoint, "--view", "html", "--out", tmp_path / "page.png")
     assert code == 1 and "--view html writes a .html file" in msg
+
+
+def test_the_film_says_what_it_shows_and_gives_the_command_for_the_selected_query(checkpoint, tmp_path):
+    """The film is precomputed for one seed, layer and query: the page names them, and for another
+    selection shows the command that makes its film; that command runs."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    pytest.importorskip("playwright", reason="playwright is not installed (requirements.txt)")
+    import shlex
+    film = av.Film(str(checkpoint), seed=0, pixel=(20, 9))
+    ex = av.Explorer.from_checkpoint(str(checkpoint), with_d=True, verbose=False)
+    path = tmp_path / "page.html"
+    ap.write_page(ex, str(path), [0, 1], film=ap.film_data(film))
+    with chromium_page() as (p, urls):
+        p.goto(path.as_uri())
+        p.wait_for_selector("body[data-ready='1']", timeout=30000)
+        assert "seed 0, layer G16, query pixel (20, 9) only" in p.text_content("#film-title")
+        lock_at(p, "image", (20, 9))
+        assert p.get_attribute("#film-other", "data-same") == "true"
+        lock_at(p, "D8", (3, 28), seed_index=1)   # pointing at D8 selects it
+        assert p.get_attribute("#film-other", "data-same") == "false"
+        command = p.text_content("#film-command")
+        assert all(u.startswith(("file:", "data:")) for u in urls)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "visualize_attn.py"]
+    assert argv[2:] == ["--checkpoint", os.path.dirname(str(checkpoint)), "--view", "film", "--seed", "1",
+                        "--layer", "D8", "--with_d", "--pixel", "3,28", "--out", "film.png"]
+    out = tmp_path / "film.png"
+    assert cli(*argv[2:-1], out) == (0, "")
+    assert out.is_file() and out.with_suffix(".gif").is_file()
+
+
+def test_in_the_notebooks_iframe_the_page_grows_the_frame_to_fit(explorer, tmp_path):
+    """notebook_page's iframe (srcdoc, same origin) takes the page's height once drawn: no inner
+    scroll bar, nothing cut at the bottom."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    pytest.importorskip("playwright", reason="playwright is not installed (requirements.txt)")
+    host = tmp_path / "notebook_output.html"
+    host.write_text("<!DOCTYPE html><html><body>" + ap.notebook_page(explorer, SEEDS, height=300).data +
+                    "</body></html>", encoding="utf-8")
+    with chromium_page() as (p, urls):
+        p.goto(host.as_uri())
+        frame = p.frame_locator("iframe")
+        frame.locator("body[data-ready='1']").wait_for(timeout=30000)
+        inner = frame.locator("html").evaluate("e => e.scrollHeight")
+        outer = p.locator("iframe").evaluate("e => e.getBoundingClientRect().height")
+        assert inner > 300 and outer == pytest.approx(inner, abs=1)
