@@ -1,12 +1,18 @@
 """The explorer as one standalone HTML page: a generated image (several seeds) and every attention
 layer of G and D side by side for the query under the mouse (hover previews, a click locks, a
-second click unlocks); per layer the map over the image, the red cross at the query's cell, the
-top-k markers (blue dots, area proportional to weight) and the numbers the figures show. A switch
-shows the contribution map ||gamma a_qk v_k|| (attention.contribution_rows) instead of the weights.
+second click unlocks); per layer the map over the image in the one colour scale (attention_colors,
+with its bar), the red cross at the query's cell, the top-k markers (hollow blue rings, area
+proportional to weight, so a peak's colour shows through) and the numbers the figures show, each
+with its meaning on hover. A switch shows the contribution map ||gamma a_qk v_k||
+(attention.contribution_rows) and the contribution's own numbers instead of the weights'. Below:
+each G layer's image with its attention removed and made uniform (attention.intervene), and, for a
+run with several checkpoints, the film of one query through training.
 
-No server and no network: the script, the style, the images (PNG data: URIs) and the data (inline
-JSON) are in the file. The data is precomputed here for every query cell of every layer and seed,
-so the page only looks things up:
+The page's markup, style and script are attention_page.html/.css/.js beside this file; this module
+builds the data and writes the page with all three and the data inline (fill_template). No server
+and no network: the script, the style, the images (PNG data: URIs) and the data (inline JSON) are in
+the file. The data is precomputed here for every query cell of every layer and seed, so the page
+only looks things up:
 
 - each attention row is quantised to uint8, scaled by its own maximum (the heat map's colour scale
   is 0..row max, as in the figures), then the arrays are zlib-compressed and base64-encoded; the
@@ -15,8 +21,10 @@ so the page only looks things up:
   ||v_k|| (N per layer), so it costs no second N x N array: at 64px (maps 32x32, 16x16, 8x8, 4x4)
   a seed's arrays are 1.3 MB before compression, so 8 seeds stay under 14 MB even if nothing
   compressed (near-uniform noisy maps, the worst case, come close; peaked maps compress well);
-- the top-k cells of both maps with their values, and the statistics (top-k mass, H/logN, mean distance and the
-  uniform distance), are computed from the exact float rows, by attention.py's functions.
+- the top-k cells of both maps with their values, and the statistics (top-k mass, H/logN, mean
+  distance and the uniform distance) of the weights and of the normalised contribution
+  (contribution_stats), are computed from the exact float rows, by attention.py's functions;
+- the interventions are two PNGs per G layer and seed, with their mean absolute pixel change.
 
 Geometry: the page maps a mouse pixel to a feature cell with the same formula as
 attention.pixel_to_cell (the JS function pixelToCell mirrors it; the browser test checks they agree)
