@@ -182,9 +182,12 @@ def _read(name):
 
 def fill_template(data_json):
     """The template with its style sheet, its script and the data inline: one self-contained file."""
-    page = _read(TEMPLATE)
-    for tag, inline in ((STYLE_TAG, f"<style>\n{_read(STYLE)}</style>"),
-                        (SCRIPT_TAG, f"<script>\n{_read(SCRIPT)}</script>"),
+    page, style, script = _read(TEMPLATE), _read(STYLE), _read(SCRIPT)
+    for text, end in ((style, "</style"), (script, "</script"), (script, "<!--")):
+        if end in text.lower():  # inline, it would end (or hide) the element early
+            raise RuntimeError(f"{STYLE if text is style else SCRIPT} must not contain {end!r}")
+    for tag, inline in ((STYLE_TAG, f"<style>\n{style}</style>"),
+                        (SCRIPT_TAG, f"<script>\n{script}</script>"),
                         (DATA_TAG, DATA_TAG.replace("></", f">{data_json}</"))):
         if page.count(tag) != 1:
             raise RuntimeError(f"{TEMPLATE} must hold {tag} exactly once (found {page.count(tag)})")
@@ -195,8 +198,8 @@ def fill_template(data_json):
 def build_page(ex, seeds, k=TOPK, film=None):
     """The page's HTML text; `film` (film_data) adds the slider through the run's checkpoints."""
     data = json.dumps(dict(page_data(ex, seeds, k), film=film), separators=(",", ":"))
-    # '</' inside the JSON would end the script element early
-    return fill_template(data.replace("</", "<\\/"))
+    # '</script' or '<!--' inside the JSON would end or hide the script element: no '<' at all
+    return fill_template(data.replace("<", "\\u003c"))
 
 
 def write_page(ex, path, seeds, k=TOPK, film=None):

@@ -66,7 +66,7 @@ def page(explorer, tmp_path_factory):
 def page_json(path):
     text = path.read_text(encoding="utf-8")
     m = re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S)
-    return json.loads(m.group(1).replace("<\\/", "</"))
+    return json.loads(m.group(1))
 
 
 def layer_arrays(data, seed_index, name, k=at.TOPK):
@@ -198,6 +198,16 @@ def browser_page(page):
         p.goto(page.as_uri())
         p.wait_for_selector("body[data-ready='1']", timeout=30000)
         yield p, urls, errors
+
+
+@pytest.fixture
+def other_page(browser_page):
+    """Another tab of the module's Chromium (one playwright instance per thread): (page, urls)."""
+    tab = browser_page[0].context.browser.new_page(viewport=dict(width=1400, height=900), device_scale_factor=1)
+    urls = []
+    tab.on("request", lambda request: urls.append(request.url))
+    yield tab, urls
+    tab.close()
 
 
 def at_pixel(p, panel, pixel):
@@ -417,27 +427,24 @@ def test_cli_writes_the_page_from_a_checkpoint(checkpoint, tmp_path, capsys):  #
     assert code == 1 and "--view html writes a .html file" in msg
 
 
-def test_the_film_says_what_it_shows_and_gives_the_command_for_the_selected_query(checkpoint, tmp_path):
+def test_the_film_says_what_it_shows_and_gives_the_command_for_the_selected_query(checkpoint, tmp_path, other_page):
     """The film is precomputed for one seed, layer and query: the page names them, and for another
     selection shows the command that makes its film; that command runs."""
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
-    pytest.importorskip("playwright", reason="playwright is not installed (requirements.txt)")
     import shlex
     film = av.Film(str(checkpoint), seed=0, pixel=(20, 9))
     ex = av.Explorer.from_checkpoint(str(checkpoint), with_d=True, verbose=False)
     path = tmp_path / "page.html"
     ap.write_page(ex, str(path), [0, 1], film=ap.film_data(film))
-    with chromium_page() as (p, urls):
-        p.goto(path.as_uri())
-        p.wait_for_selector("body[data-ready='1']", timeout=30000)
-        assert "seed 0, layer G16, query pixel (20, 9) only" in p.text_content("#film-title")
-        lock_at(p, "image", (20, 9))
-        assert p.get_attribute("#film-other", "data-same") == "true"
-        lock_at(p, "D8", (3, 28), seed_index=1)   # pointing at D8 selects it
-        assert p.get_attribute("#film-other", "data-same") == "false"
-        command = p.text_content("#film-command")
-        assert all(u.startswith(("file:", "data:")) for u in urls)
+    p, urls = other_page
+    p.goto(path.as_uri())
+    p.wait_for_selector("body[data-ready='1']", timeout=30000)
+    assert "seed 0, layer G16, query pixel (20, 9) only" in p.text_content("#film-title")
+    lock_at(p, "image", (20, 9))
+    assert p.get_attribute("#film-other", "data-same") == "true"
+    lock_at(p, "D8", (3, 28), seed_index=1)   # pointing at D8 selects it
+    assert p.get_attribute("#film-other", "data-same") == "false"
+    command = p.text_content("#film-command")
+    assert all(u.startswith(("file:", "data:")) for u in urls)
     argv = shlex.split(command)
     assert argv[:2] == ["python", "visualize_attn.py"]
     assert argv[2:] == ["--checkpoint", os.path.dirname(str(checkpoint)), "--view", "film", "--seed", "1",
@@ -447,19 +454,32 @@ def test_the_film_says_what_it_shows_and_gives_the_command_for_the_selected_quer
     assert out.is_file() and out.with_suffix(".gif").is_file()
 
 
-def test_in_the_notebooks_iframe_the_page_grows_the_frame_to_fit(explorer, tmp_path):
+def test_in_the_notebooks_iframe_the_page_grows_the_frame_to_fit(explorer, tmp_path, other_page):
     """notebook_page's iframe (srcdoc, same origin) takes the page's height once drawn: no inner
     scroll bar, nothing cut at the bottom."""
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
-    pytest.importorskip("playwright", reason="playwright is not installed (requirements.txt)")
     host = tmp_path / "notebook_output.html"
     host.write_text("<!DOCTYPE html><html><body>" + ap.notebook_page(explorer, SEEDS, height=300).data +
                     "</body></html>", encoding="utf-8")
-    with chromium_page() as (p, urls):
-        p.goto(host.as_uri())
-        frame = p.frame_locator("iframe")
-        frame.locator("body[data-ready='1']").wait_for(timeout=30000)
-        inner = frame.locator("html").evaluate("e => e.scrollHeight")
-        outer = p.locator("iframe").evaluate("e => e.getBoundingClientRect().height")
-        assert inner > 300 and outer == pytest.approx(inner, abs=1)
+    p, _ = other_page
+    p.goto(host.as_uri())
+    frame = p.frame_locator("iframe")
+    frame.locator("body[data-ready='1']").wait_for(timeout=30000)
+    inner = frame.locator("html").evaluate("e => e.scrollHeight")
+    outer = p.locator("iframe").evaluate("e => e.getBoundingClientRect().height")
+    assert inner > 300 and outer == pytest.approx(inner, abs=1)
+
+
+def test_text_that_looks_like_markup_stays_text(tmp_path, other_page):
+    """A name holding '</script>' or '<!--' can neither end nor hide the page's data or script."""
+    name = "G </script> <!-- <script> x"
+    ex = av.Explorer(tiny_g(), generator=name)
+    path = tmp_path / "page.html"
+    ap.write_page(ex, str(path), [0])
+    assert page_json(path)["generator"] == name
+    p, _ = other_page
+    errors = []
+    p.on("pageerror", lambda e: errors.append(str(e)))
+    p.goto(path.as_uri())
+    p.wait_for_selector("body[data-ready='1']", timeout=30000)
+    assert f"weights of the {name}" in p.text_content("#describe")
+    assert not errors
