@@ -273,7 +273,8 @@ function drawFilmNote() {
   if (same) { note.textContent = "This is the selected seed, layer and query."; return; }
   const run = /\s/.test(F.run) ? `"${F.run}"` : F.run;
   const cmd = `python visualize_attn.py --checkpoint ${run} --view film --seed ${seed} --layer ${state.layer}` +
-    (L.net === "D" ? " --with_d" : "") + ` --pixel ${x},${y} --out film.png`;
+    (L.net === "D" ? " --with_d" : "") + (DATA.generator === "raw G" ? " --raw_g" : "") +
+    ` --pixel ${x},${y} --out film.png`;
   note.replaceChildren(`You have selected seed ${seed}, ${state.layer} (the last panel you pointed at), ` +
     `pixel (${x}, ${y}); the film of that query is one command away (it writes film.png and film.gif): `,
     el("code", {id: "film-command"}, cmd));
