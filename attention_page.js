@@ -264,6 +264,7 @@ function drawFilmNote() {
   const F = DATA.film;
   if (!F) return;
   const L = DATA.layers.find(L => L.name === state.layer);
+  if (!L) return;
   const seed = DATA.seeds[state.seed].seed, [x, y] = state.pixel;
   const cell = pixelToCell(x, y, L.H, L.W, S, S);
   const filmCell = F.cell || pixelToCell(F.pixel[0], F.pixel[1], L.H, L.W, S, S);
