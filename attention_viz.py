@@ -604,6 +604,7 @@ class Film:
             self.frames.append(dict(step=ex.step, image=ex.image(seed, name, d_image), map=m, cell=c,
                                     stats=stats))
         query = f"pixel ({pixel[0]}, {pixel[1]})" if pixel is not None else f"cell ({c[0]}, {c[1]})"
+        self.seed, self.layer, self.pixel, self.cell = seed, name, pixel, cell  # what it shows
         self.title = ex._title(f"{name}, seed {seed},\nquery {query} through training")
 
     @property

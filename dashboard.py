@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from attention import face_pixels, map_hw, pixel_queries, run_net
+from attention_colors import colorize
 from utils import denorm
 
 try:
@@ -38,8 +39,7 @@ MIN_SYNC_S = 2.0
 
 PANEL_HEAD, PANEL_SIDE = 16, 48  # px above the tiles (query names), left of them (row names)
 
-# inferno-like colormap anchors (dark = no weight, light yellow = the map's maximum)
-_CMAP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
+QUERY_MARK = (255, 0, 255)  # magenta: a colour the attention scale (jet) never takes
 
 
 @torch.no_grad()
@@ -61,21 +61,14 @@ def _font():
     return ImageFont.load_default(size=11)
 
 
-def _colormap(v):
-    """v in [0, 1] (any shape) -> uint8 RGB (..., 3)."""
-    t = np.clip(v, 0, 1) * (len(_CMAP) - 1)
-    lo = np.minimum(t.astype(np.int64), len(_CMAP) - 2)
-    frac = (t - lo)[..., None]
-    return ((1 - frac) * _CMAP[lo] + frac * _CMAP[lo + 1]).round().astype(np.uint8)
-
-
 def render_attention_panel(image, maps, points, names, tile=112):
     """One picture: a column per query pixel; rows = the sample, then each G layer's heatmap.
 
     image (3, S, S) in [0, 1]; maps {layer name: (Q, H, W)}; points [(x, y)] image pixels; names per
     query. Heatmaps are upsampled without smoothing, so each attention cell stays a visible block,
     and drawn over a faint grey copy of the sample so the features they land on are recognisable.
-    The query pixel is marked (cyan +) in every tile. Returns uint8 (H, W, 3).
+    The colours are the figures' and the page's (attention_colors: dark blue 0, dark red the map's
+    maximum). The query pixel is marked (magenta +) in every tile. Returns uint8 (H, W, 3).
     """
     S = image.shape[-1]
     font, head, side, gap = _font(), PANEL_HEAD, PANEL_SIDE, 2
@@ -96,7 +89,7 @@ def render_attention_panel(image, maps, points, names, tile=112):
         for row, rows in enumerate(maps.values(), start=1):
             top = head + row * (tile + gap)
             m = rows[q].numpy()
-            heat = _colormap(m / max(m.max(), 1e-12))  # (H, W, 3)
+            heat = colorize(m / max(m.max(), 1e-12))  # (H, W, 3), the figures' colour scale
             heat = np.asarray(Image.fromarray(heat).resize((tile, tile), Image.NEAREST), np.float32)
             panel.paste(Image.fromarray((0.75 * heat + 0.25 * grey).round().astype(np.uint8)),
                         (left, top))
@@ -106,8 +99,8 @@ def render_attention_panel(image, maps, points, names, tile=112):
                       font=font)
         for row in range(n_rows):
             cx, cy = left + (x + 0.5) * tile / S, head + row * (tile + gap) + (y + 0.5) * tile / S
-            draw.line((cx - 5, cy, cx + 5, cy), fill=(0, 255, 255), width=2)
-            draw.line((cx, cy - 5, cx, cy + 5), fill=(0, 255, 255), width=2)
+            draw.line((cx - 5, cy, cx + 5, cy), fill=QUERY_MARK, width=2)
+            draw.line((cx, cy - 5, cx, cy + 5), fill=QUERY_MARK, width=2)
     return np.array(panel)  # writable: torch.from_numpy warns on read-only arrays
 
 

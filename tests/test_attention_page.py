@@ -1,7 +1,9 @@
 """The standalone HTML explorer page: a planted attention peak is in the page's data as the query's
 first top-k cell; in headless Chromium a click on a known pixel shows that query, locks it, and draws
-the cross and the markers at the cells attention.py computes; the page asks for nothing but itself;
-a 64px page stays under 25 MB; the CLI writes it from a real checkpoint."""
+the cross and the markers at the cells attention.py computes; the page explains itself (its colour
+scale is attention_colors', matplotlib's jet; every number has its meaning on hover; contribution mode
+shows the contribution's own numbers); the interventions on it are attention.intervene's; the page
+asks for nothing but itself; a 64px page stays under 25 MB; the CLI writes it from a real checkpoint."""
 import json
 import os
 import re
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import attention as at
+import attention_colors as ac
 import attention_page as ap
 import attention_viz as av
 from conftest import explorer_cli as cli
@@ -63,7 +66,7 @@ def page(explorer, tmp_path_factory):
 def page_json(path):
     text = path.read_text(encoding="utf-8")
     m = re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S)
-    return json.loads(m.group(1).replace("<\\/", "</"))
+    return json.loads(m.group(1))
 
 
 def layer_arrays(data, seed_index, name, k=at.TOPK):
@@ -105,7 +108,7 @@ def test_the_pages_data_holds_a_planted_peak_first_and_the_figures_numbers(explo
             assert np.abs(a["weights"][q] / 255 - m.ravel() / m.max()).max() <= 0.5 / 255 + 1e-6
 
 
-def test_the_page_is_small_at_64px():
+def test_the_page_is_small_at_64px(tmp_path):
     torch.manual_seed(0)
     G = Generator(64, z_dim=16, conv_dim=8).eval()              # attention on 16x16 and 32x32
     D = Discriminator(64, conv_dim=8).eval()                    # on 8x8 and 4x4
@@ -113,14 +116,73 @@ def test_the_page_is_small_at_64px():
         layer.gamma.data.fill_(0.5)
     for block in G.blocks:                                      # noisy, nearly uniform maps: the rows
         block[1].weight.data.mul_(4)                            # that compress worst
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sagan_page_64_{os.getpid()}.html")
-    try:
-        t0 = time.perf_counter()
-        size, _ = ap.write_page(av.Explorer(G, D), path, list(range(8)))
-        print(f"64px page, 8 seeds, G16 G32 D8 D4: {size / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
-    finally:
-        os.remove(path)
+    t0 = time.perf_counter()
+    size, _ = ap.write_page(av.Explorer(G, D), str(tmp_path / "page.html"), list(range(8)))
+    print(f"64px page, 8 seeds, G16 G32 D8 D4: {size / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
     assert size < 25e6
+
+
+def test_one_colour_scale_matplotlibs_jet_in_the_page_and_the_dashboard(page):
+    from matplotlib import colormaps
+    jet = colormaps["jet"].resampled(1001)           # its own interpolation at 1001 exact points
+    v = np.linspace(0, 1, 1001)
+    assert np.abs(ac.colorize(v) - 255 * jet(np.arange(1001))[:, :3]).max() <= 0.5 + 1e-6
+    assert colormaps[ac.CMAP].name == "jet"
+    assert page_json(page)["lut"] == ac.lut().tolist() == ac.colorize(np.linspace(0, 1, 256)).tolist()
+
+
+def test_contribution_numbers_are_the_contributions_own(explorer, page):
+    """top-k share, H/logN and distance of ||gamma a v|| normalised to sum 1, not of the weights;
+    n/a (NaN) where gamma is 0 and the layer adds nothing."""
+    data = page_json(page)
+    for name in ("G8", "G16", "D8"):
+        L = next(L for L in data["layers"] if L["name"] == name)
+        N = L["H"] * L["W"]
+        d = data["seeds"][0]["layers"][name]
+        cstats = ap.unpack(d["cstats"], "f4", (N, 3))
+        stats = ap.unpack(d["stats"], "f4", (N, 3))
+        for pixel in ((0, 0), QUERY_PIXEL, (31, 17)):
+            cell, _, contrib, _ = explorer.contribution(SEEDS[0], name, pixel=pixel)
+            q = at.cell_to_index(*cell, L["W"])
+            if L["gamma"] == 0:
+                assert contrib.sum() == 0 and np.isnan(cstats[q]).all()
+                continue
+            st = at.map_stats(contrib / contrib.sum(), q, (L["H"], L["W"]), (32, 32))
+            assert cstats[q] == pytest.approx([st["top_mass"], st["entropy"], st["dist"]], rel=1e-4)
+            assert not np.allclose(cstats[q], stats[q])  # the weights' numbers are another thing
+
+
+def test_the_interventions_are_attention_intervene_per_seed(explorer, page):
+    """Each G layer's image with its attention removed / uniform: PNGs of G under attention.intervene,
+    and the change the table's intervention_deltas measures for that one image."""
+    from PIL import Image
+    data = page_json(page)
+    for s, seed in enumerate(SEEDS):
+        z = at.z_for_seeds([seed], explorer.G.z_dim)
+        deltas = at.intervention_deltas(explorer.G, z)
+        ivs = data["seeds"][s]["interventions"]
+        assert sorted(ivs) == ["G16", "G8"]
+        original = decode_png(data["seeds"][s]["image"])
+        for name, layer in at.attention_layers(explorer.G).items():
+            for mode in ("remove", "uniform"):
+                iv = ivs[name][mode]
+                assert iv["delta"] == pytest.approx(float(deltas[name][mode][0]), rel=1e-4, abs=1e-7)
+                with torch.no_grad(), at.intervene(layer, mode):
+                    want = np.round(at.to_image(explorer.G(z)[0]) * 255)
+                image = decode_png(iv["image"])
+                assert np.abs(image - want).max() <= 1
+                assert at.gamma(layer) != 0 and np.abs(image - original).mean() > 1  # it changes the image
+
+
+def decode_png(uri):
+    """A PNG data: URI -> (h, w, 3) float array of 0..255 values."""
+    import base64
+    import io
+
+    from PIL import Image
+    assert uri.startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------- in Chromium
@@ -136,6 +198,16 @@ def browser_page(page):
         p.goto(page.as_uri())
         p.wait_for_selector("body[data-ready='1']", timeout=30000)
         yield p, urls, errors
+
+
+@pytest.fixture
+def other_page(browser_page):
+    """Another tab of the module's Chromium (one playwright instance per thread): (page, urls)."""
+    tab = browser_page[0].context.browser.new_page(viewport=dict(width=1400, height=900), device_scale_factor=1)
+    urls = []
+    tab.on("request", lambda request: urls.append(request.url))
+    yield tab, urls
+    tab.close()
 
 
 def at_pixel(p, panel, pixel):
@@ -211,6 +283,134 @@ def test_a_click_shows_and_locks_that_query_with_markers_at_the_right_cells(expl
     assert urls and all(u.startswith(("file:", "data:")) for u in urls), urls  # no network, no server
 
 
+def lock_at(p, panel, pixel, seed_index=0, mode="weights"):
+    """A known state: seed, map mode, the query locked at image pixel `pixel` of `panel`."""
+    p.select_option("#seed", str(seed_index))
+    p.select_option("#mode", mode)
+    settle(p)
+    if p.get_attribute("#query", "data-locked") == "true":
+        p.mouse.click(*at_pixel(p, panel, pixel))            # unlocks
+    p.mouse.click(*at_pixel(p, panel, pixel))                # locks there
+    settle(p)
+    assert shown(p)["query"] == f"query pixel ({pixel[0]}, {pixel[1]}) locked"
+
+
+def test_a_second_click_unlocks_and_the_query_is_at_once_where_the_mouse_is(browser_page):
+    p, urls, errors = browser_page
+    lock_at(p, "image", QUERY_PIXEL)
+    p.mouse.click(*at_pixel(p, "G16", (25, 3)))  # no mouse move after it
+    settle(p)
+    s = shown(p)
+    assert s["query"] == "query pixel (25, 3)" and s["locked"] == "false"
+    assert s["layers"]["G16"]["cell"] == "%d,%d" % at.pixel_to_cell(25, 3, (16, 16), (32, 32))
+    assert not errors
+
+
+def test_the_page_shows_its_colour_scale_and_the_peak_under_its_ring(page, browser_page):
+    """The colour bar is attention_colors' scale, labelled 0 .. row max, each panel's max printed; the
+    planted peak's cell is drawn in the scale's top colour and stays visible through its ring."""
+    p, urls, errors = browser_page
+    lut = np.array(ac.lut(), dtype=np.float64)
+    lock_at(p, "image", QUERY_PIXEL)
+    bar = np.array(p.evaluate("""() => { const c = document.getElementById('legend-bar');
+      return Array.from(c.getContext('2d').getImageData(0, 0, c.width, 1).data); }""")).reshape(-1, 4)
+    assert np.array_equal(bar[:, :3], lut)
+    legend = p.text_content("#legend")
+    assert "0 (no attention)" in legend and "row max" in legend
+    data = page_json(page)
+    for L in data["layers"]:
+        n = at.cell_to_index(*at.pixel_to_cell(*QUERY_PIXEL, (L["H"], L["W"]), (32, 32)), L["W"])
+        top_w = layer_arrays(data, 0, L["name"])["top_w"]
+        scale = p.locator(f"#panel-{L['name']} .scale")
+        assert scale.locator("canvas").count() == 1 and scale.text_content().startswith("0")
+        assert float(scale.locator(".max").get_attribute("data-max")) == pytest.approx(top_w[n, 0], rel=1e-6)
+        assert f"max a {top_w[n, 0]:.3g}" in scale.locator(".max").text_content()
+
+    # the planted peak: the scale's top colour at 0.6 over the image, under the largest ring
+    x, y = at.cell_to_pixel(*PEAK, (16, 16), (32, 32))                    # image coordinates
+    cx, cy = int(x * 256 / 32), int(y * 256 / 32)                          # canvas pixel
+    canvas = np.array(p.evaluate(f"""() => Array.from(document.querySelector('#panel-{PLANTED} .view canvas')
+      .getContext('2d').getImageData({cx}, {cy}, 1, 1).data)""")[:3], dtype=np.float64)
+    image = decode_png(data["seeds"][0]["image"])[int(y), int(x)]
+    assert np.abs(canvas - (0.6 * lut[255] + 0.4 * image)).max() <= 2
+    dots = shown(p)["layers"][PLANTED]["dots"]
+    assert dots[0][0] == f"{PEAK[0]},{PEAK[1]}"
+    box = p.locator(f"#panel-{PLANTED} .view").bounding_box()
+    from PIL import Image
+    import io
+    shot = np.asarray(Image.open(io.BytesIO(p.screenshot(clip=dict(x=box["x"] + cx, y=box["y"] + cy,
+                                                                     width=1, height=1)))).convert("RGB"))
+    assert np.abs(shot[0, 0] - canvas).max() <= 2  # what one sees there: the peak, not a marker
+    assert not errors
+
+
+def stat_spans(p, panel):
+    return p.evaluate(f"""() => [...document.querySelectorAll('#panel-{panel} .stats span')]
+      .map(s => [s.textContent, s.title])""")
+
+
+def test_every_number_says_what_it_means_and_d_panels_say_they_look_at_the_image(browser_page):
+    p, urls, errors = browser_page
+    lock_at(p, "image", QUERY_PIXEL)
+    for name in ("G8", "G16", "D8", "D4"):
+        spans = stat_spans(p, name)
+        starts = ["of the weights", "gamma", "top-10", "H/logN", "dist"]
+        assert [t for t, _ in spans] and all(t.startswith(s) for (t, _), s in zip(spans, starts)), spans
+        assert all(len(title) > 60 for _, title in spans), spans
+        heading = p.text_content(f"#panel-{name} h3")
+        assert ("D looking at the generated image" if name[0] == "D" else "G drawing the image") in heading
+    assert p.get_attribute("#panel-G16 .scale .max", "title")
+    assert not errors
+
+
+def test_contribution_mode_shows_the_contributions_own_numbers(explorer, browser_page):
+    p, urls, errors = browser_page
+    lock_at(p, "image", QUERY_PIXEL)
+    weights = {name: shown(p)["layers"][name]["stats"] for name in ("G8", "G16", "D4")}
+    p.select_option("#mode", "contribution")
+    settle(p)
+    s = shown(p)["layers"]
+    for name in ("G8", "G16"):
+        _, _, contrib, _ = explorer.contribution(SEEDS[0], name, pixel=QUERY_PIXEL)
+        cell = at.pixel_to_cell(*QUERY_PIXEL, at.map_hw(name), (32, 32))
+        st = at.map_stats(contrib / contrib.sum(), at.cell_to_index(*cell, at.map_hw(name)[1]),
+                          at.map_hw(name), (32, 32))
+        assert s[name]["stats"] != weights[name]
+        assert s[name]["stats"].startswith("of the contribution")
+        assert f"top-10 {st['top_mass']:.1%} (uniform {st['uniform']:.1%})" in s[name]["stats"]
+        assert f"H/logN {st['entropy']:.2f}  dist {st['dist']:.1f}px (uniform {st['dist_uniform']:.1f})" in s[name]["stats"]
+        assert f"sum ||gamma a v|| {contrib.sum():.3g}" in s[name]["stats"]
+    assert "top-10 n/a" in s["D4"]["stats"] and "H/logN n/a" in s["D4"]["stats"]  # gamma 0: adds nothing
+    assert all(title for _, title in stat_spans(p, "G16"))
+    assert p.get_attribute("#panel-G16 .scale .max", "title").startswith("The largest contribution")
+    assert not errors
+
+
+def test_the_interventions_are_on_the_page_for_the_selected_seed(page, browser_page):
+    p, urls, errors = browser_page
+    data = page_json(page)
+    for s in range(len(SEEDS)):
+        p.select_option("#seed", str(s))
+        settle(p)
+        figs = p.evaluate("""() => [...document.querySelectorAll('#iv-rows figure')].map(f => {
+          const img = f.querySelector('img');
+          return [f.dataset.layer, f.dataset.mode, img.src, img.complete && img.naturalWidth,
+                  f.dataset.delta === undefined ? null : +f.dataset.delta, f.textContent]; })""")
+        ivs = data["seeds"][s]["interventions"]
+        assert [(f[0], f[1]) for f in figs] == [(n, m) for n in ("G8", "G16") for m in ("original", "remove", "uniform")]
+        for layer, mode, src, width, delta, text in figs:
+            assert width == 32
+            if mode == "original":
+                assert src == data["seeds"][s]["image"] and delta is None
+            else:
+                assert src == ivs[layer][mode]["image"] and src != data["seeds"][s]["image"]
+                assert delta == pytest.approx(ivs[layer][mode]["delta"], rel=1e-6) and delta > 0
+                assert f"Δ {delta:.4f}" in text
+    assert "gamma" in p.text_content("#interventions .hint") and "intervene" in p.text_content("#interventions")
+    assert not errors
+    assert urls and all(u.startswith(("file:", "data:")) for u in urls), urls  # no network, no server
+
+
 # ----------------------------------------------------------------------------- the command
 
 def test_cli_writes_the_page_from_a_checkpoint(checkpoint, tmp_path, capsys):  # noqa: F811
@@ -225,3 +425,61 @@ def test_cli_writes_the_page_from_a_checkpoint(checkpoint, tmp_path, capsys):  #
     assert f"weights of the {data['generator']}" in data["describe"]
     code, msg = cli("--checkpoint", checkpoint, "--view", "html", "--out", tmp_path / "page.png")
     assert code == 1 and "--view html writes a .html file" in msg
+
+
+def test_the_film_says_what_it_shows_and_gives_the_command_for_the_selected_query(checkpoint, tmp_path, other_page):
+    """The film is precomputed for one seed, layer and query: the page names them, and for another
+    selection shows the command that makes its film; that command runs."""
+    import shlex
+    film = av.Film(str(checkpoint), seed=0, pixel=(20, 9))
+    ex = av.Explorer.from_checkpoint(str(checkpoint), with_d=True, verbose=False)
+    path = tmp_path / "page.html"
+    ap.write_page(ex, str(path), [0, 1], film=ap.film_data(film))
+    p, urls = other_page
+    p.goto(path.as_uri())
+    p.wait_for_selector("body[data-ready='1']", timeout=30000)
+    assert "seed 0, layer G16, query pixel (20, 9) only" in p.text_content("#film-title")
+    lock_at(p, "image", (20, 9))
+    assert p.get_attribute("#film-other", "data-same") == "true"
+    lock_at(p, "D8", (3, 28), seed_index=1)   # pointing at D8 selects it
+    assert p.get_attribute("#film-other", "data-same") == "false"
+    command = p.text_content("#film-command")
+    assert all(u.startswith(("file:", "data:")) for u in urls)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "visualize_attn.py"]
+    assert argv[2:] == ["--checkpoint", os.path.dirname(str(checkpoint)), "--view", "film", "--seed", "1",
+                        "--layer", "D8", "--with_d", "--pixel", "3,28", "--out", "film.png"]
+    out = tmp_path / "film.png"
+    assert cli(*argv[2:-1], out) == (0, "")
+    assert out.is_file() and out.with_suffix(".gif").is_file()
+
+
+def test_in_the_notebooks_iframe_the_page_grows_the_frame_to_fit(explorer, tmp_path, other_page):
+    """notebook_page's iframe (srcdoc, same origin) takes the page's height once drawn: no inner
+    scroll bar, nothing cut at the bottom."""
+    host = tmp_path / "notebook_output.html"
+    host.write_text("<!DOCTYPE html><html><body>" + ap.notebook_page(explorer, SEEDS, height=300).data +
+                    "</body></html>", encoding="utf-8")
+    p, _ = other_page
+    p.goto(host.as_uri())
+    frame = p.frame_locator("iframe")
+    frame.locator("body[data-ready='1']").wait_for(timeout=30000)
+    inner = frame.locator("html").evaluate("e => e.scrollHeight")
+    outer = p.locator("iframe").evaluate("e => e.getBoundingClientRect().height")
+    assert inner > 300 and outer == pytest.approx(inner, abs=1)
+
+
+def test_text_that_looks_like_markup_stays_text(tmp_path, other_page):
+    """A name holding '</script>' or '<!--' can neither end nor hide the page's data or script."""
+    name = "G </script> <!-- <script> x"
+    ex = av.Explorer(tiny_g(), generator=name)
+    path = tmp_path / "page.html"
+    ap.write_page(ex, str(path), [0])
+    assert page_json(path)["generator"] == name
+    p, _ = other_page
+    errors = []
+    p.on("pageerror", lambda e: errors.append(str(e)))
+    p.goto(path.as_uri())
+    p.wait_for_selector("body[data-ready='1']", timeout=30000)
+    assert f"weights of the {name}" in p.text_content("#describe")
+    assert not errors

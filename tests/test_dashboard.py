@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from attention import cell_to_index, face_pixels, pixel_queries, pixel_to_cell
-from dashboard import PANEL_HEAD, PANEL_SIDE, _colormap, render_attention_panel, sample_attention
+from attention_colors import colorize
+from dashboard import PANEL_HEAD, PANEL_SIDE, QUERY_MARK, render_attention_panel, sample_attention
 from sagan_models import Generator
 
 
@@ -65,8 +66,8 @@ def test_panel_puts_each_map_under_its_query_with_the_hot_cell_where_it_is():
     panel = render_attention_panel(image, maps, points, ["a", "b"], tile=tile)
 
     assert panel.shape == (head + 3 * (tile + gap) - gap, side + 2 * (tile + gap) - gap, 3)
-    hottest = _colormap(np.array(1.0)).astype(np.float32)
-    coldest = _colormap(np.array(1 / 63)).astype(np.float32)
+    hottest = colorize(np.array(1.0)).astype(np.float32)
+    coldest = colorize(np.array(1 / 63)).astype(np.float32)
 
     def cell_centre(q, row, r, i, j):  # pixel of the panel at the centre of cell (i, j)
         cell = tile / r
@@ -81,6 +82,6 @@ def test_panel_puts_each_map_under_its_query_with_the_hot_cell_where_it_is():
         assert np.abs(panel[y, x] - blended(hottest)).max() <= 1, (q, r)
     y, x = cell_centre(0, 1, 8, 2, 5)  # a cold cell of query 0's 8x8 map
     assert np.abs(panel[y, x] - blended(coldest)).max() <= 1
-    # the query mark: cyan at the query pixel in the sample row of its column
+    # the query mark at the query pixel in the sample row of its column
     y, x = head + int(20.5 * tile / S), side + (tile + gap) + int(28.5 * tile / S)
-    assert tuple(panel[y, x]) == (0, 255, 255)
+    assert tuple(panel[y, x]) == QUERY_MARK
