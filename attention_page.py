@@ -33,8 +33,8 @@ import zlib
 import numpy as np
 import torch
 
-from attention import (TOPK, attention_rows, contribution_rows, entropy_norm, gamma, mean_distance,
-                       topk_mass, uniform_distance)
+from attention import TOPK, attention_rows, contribution_rows, gamma
+from attention_stats import entropy_norm, mean_distance, topk_mass, uniform_distance
 
 
 def pack(array, dtype):
@@ -111,9 +111,9 @@ def page_data(ex, seeds, k=TOPK):
 
 
 def film_data(film, k=TOPK):
-    """The page's 'through training' slider from an attention_viz.Film: its title and, per saved
+    """The page's 'through training' slider from an explorer.Film: its title and, per saved
     checkpoint, the step and the film's column for it (plot_film) as a PNG data: URI."""
-    from attention_viz import figure_png, plot_film
+    from attention_figures import figure_png, plot_film
     frames = [dict(step=f["step"], image="data:image/png;base64," + base64.b64encode(
         figure_png(plot_film([f], k)[0])).decode("ascii")) for f in film.frames]
     return dict(title=film.title.replace("\n", " "), frames=frames)

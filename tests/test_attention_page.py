@@ -13,8 +13,9 @@ import torch
 
 import attention as at
 import attention_page as ap
-import attention_viz as av
+from attention_stats import map_stats
 from conftest import explorer_cli as cli
+from explorer import Explorer
 from sagan_models import Discriminator, Generator
 from test_attention_viz import planted_map, tiny_g
 from tools.dashboard_screenshot import CHROMIUM, chromium_page
@@ -44,7 +45,7 @@ def planted_explorer():
         return out, torch.where(hit[None, :, None], row.to(attention), attention)
 
     G.attn["16"].register_forward_hook(plant, with_kwargs=True)
-    return av.Explorer(G, D)
+    return Explorer(G, D)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_the_pages_data_holds_a_planted_peak_first_and_the_figures_numbers(explo
                                                            at.cell_to_index(*SECOND, 16)]])
         assert a["weights"][n].argmax() == at.cell_to_index(*PEAK, 16) and a["weights"][n].max() == 255
         # the numbers of the figure for that query (attention.map_stats)
-        st = at.map_stats(planted, n, (16, 16), (32, 32))
+        st = map_stats(planted, n, (16, 16), (32, 32))
         assert a["stats"][n] == pytest.approx([st["top_mass"], st["entropy"], st["dist"]], rel=1e-5)
     # every other layer: the same cells as the explorer's figures mark (attention.topk_cells)
     for name in ("G8", "D8", "D4"):
@@ -116,7 +117,7 @@ def test_the_page_is_small_at_64px():
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sagan_page_64_{os.getpid()}.html")
     try:
         t0 = time.perf_counter()
-        size, _ = ap.write_page(av.Explorer(G, D), path, list(range(8)))
+        size, _ = ap.write_page(Explorer(G, D), path, list(range(8)))
         print(f"64px page, 8 seeds, G16 G32 D8 D4: {size / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
     finally:
         os.remove(path)

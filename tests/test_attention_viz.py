@@ -1,5 +1,6 @@
-"""attention_viz: geometry, extraction and statistics against the model's own full maps, and planted
-attention peaks that every figure must mark at the right pixel (non-square maps included)."""
+"""attention.py, attention_stats.py, attention_figures.py: geometry, extraction and statistics against
+the model's own full maps, and planted attention peaks that every figure must mark at the right pixel
+(non-square maps included)."""
 import json
 import math
 
@@ -11,7 +12,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import attention as at  # noqa: E402
-import attention_viz as av  # noqa: E402
+import attention_figures as af  # noqa: E402
+import attention_stats as st  # noqa: E402
+from explorer import Explorer  # noqa: E402
 from sagan_models import Discriminator, Generator, Self_Attn  # noqa: E402
 
 
@@ -104,7 +107,7 @@ def test_queries_out_of_range_are_clear_errors():
 def test_one_face_layout_for_the_explorer_the_dashboard_and_the_ablation():
     faces = at.face_pixels(32)
     assert list(faces) == ["left eye", "right eye", "centre", "mouth"]  # the dashboard's panel columns
-    assert av.Explorer(tiny_g()).default_pixel() == faces["left eye"] == (12, 15)
+    assert Explorer(tiny_g()).default_pixel() == faces["left eye"] == (12, 15)
     # pixel_queries puts each pixel in its cell of every layer: the queries of the panel and the ablation
     q = at.pixel_queries(tiny_g(), [faces["left eye"], faces["right eye"]])
     assert {name: idx.tolist() for name, idx in q.items()} == {"G8": [3 * 8 + 3, 3 * 8 + 4],
@@ -167,7 +170,7 @@ def expect_marks(ax, m, img_hw, k):
 def test_query_figure_marks_a_planted_peak_at_the_right_pixel_in_every_panel(upsample):
     m = planted_map(*MAP_HW, PEAK, SECOND)
     feature = np.arange(32, dtype=np.float32).reshape(MAP_HW)
-    fig, axes = av.plot_query(IMG, m, QUERY, feature=feature, k=5, upsample=upsample)
+    fig, axes = af.plot_query(IMG, m, QUERY, feature=feature, k=5, upsample=upsample)
     assert set(axes) == {"feature", "image", "heat_grid", "heat_image"}
     expect_marks(axes["feature"], m, None, 5)
     expect_marks(axes["image"], m, (32, 32), 5)
@@ -190,7 +193,7 @@ def test_query_figure_marks_a_planted_peak_at_the_right_pixel_in_every_panel(ups
 
 def test_layers_queries_grid_and_saliency_figures_mark_planted_peaks():
     m = planted_map(*MAP_HW, PEAK, SECOND)
-    fig, axes = av.plot_layers(IMG, [dict(name="G16", map=m, cell=QUERY, stats=None),
+    fig, axes = af.plot_layers(IMG, [dict(name="G16", map=m, cell=QUERY, stats=None),
                                      dict(name="G8", map=m.T.copy(), cell=QUERY[::-1], stats=None)],
                                pixel=(5, 20), k=4)
     expect_marks(axes["G16"], m, (32, 32), 4)
@@ -201,7 +204,7 @@ def test_layers_queries_grid_and_saliency_figures_mark_planted_peaks():
     matplotlib.pyplot.close(fig)
 
     other = planted_map(*MAP_HW, (0, 0))
-    fig, axes = av.plot_queries(IMG, [dict(map=m, cell=QUERY), dict(map=other, cell=(3, 7))], k=3)
+    fig, axes = af.plot_queries(IMG, [dict(map=m, cell=QUERY), dict(map=other, cell=(3, 7))], k=3)
     assert query_xy(axes["image"], "red") == pytest.approx(at.cell_to_pixel(*QUERY, MAP_HW, (32, 32)))
     assert query_xy(axes["image"], "lime") == pytest.approx(at.cell_to_pixel(3, 7, MAP_HW, (32, 32)))
     expect_marks(axes["q0"], m, (32, 32), 3)
@@ -209,7 +212,7 @@ def test_layers_queries_grid_and_saliency_figures_mark_planted_peaks():
     assert tuple(topk_dots(axes["q1"])[0][0]) == pytest.approx(at.cell_to_pixel(0, 0, MAP_HW, (32, 32)))
     matplotlib.pyplot.close(fig)
 
-    fig, axes = av.plot_grid([IMG] * 3, [m] * 3, QUERY, k=2, ncols=2)
+    fig, axes = af.plot_grid([IMG] * 3, [m] * 3, QUERY, k=2, ncols=2)
     assert len(axes) == 3
     for ax in axes:
         expect_marks(ax, m, (32, 32), 2)
@@ -217,7 +220,7 @@ def test_layers_queries_grid_and_saliency_figures_mark_planted_peaks():
 
     sal = np.zeros(MAP_HW, np.float32)
     sal[PEAK] = 32
-    fig, axes = av.plot_saliency(IMG, {"G16": sal})
+    fig, axes = af.plot_saliency(IMG, {"G16": sal})
     s = heat(axes["G16"])
     assert tuple(s.get_extent()) == (0, 32, 32, 0)
     assert block_centre(s.get_array(), s.get_extent()) == pytest.approx(
@@ -274,40 +277,40 @@ def test_statistics_on_known_rows():
     uniform = torch.full((1, 1, N), 1 / N)
     onehot = torch.zeros(1, 1, N)
     onehot[0, 0, 15] = 1
-    assert at.topk_mass(uniform, 10).item() == pytest.approx(10 / N)
-    assert at.entropy_norm(uniform).item() == pytest.approx(1)
-    assert at.entropy_norm(onehot).item() == pytest.approx(0, abs=1e-6)
+    assert st.topk_mass(uniform, 10).item() == pytest.approx(10 / N)
+    assert st.entropy_norm(uniform).item() == pytest.approx(1)
+    assert st.entropy_norm(onehot).item() == pytest.approx(0, abs=1e-6)
     # 4x4 map on a 32px image: query cell (0, 0) at (4, 4), key cell (3, 3) at (28, 28)
-    d = at.mean_distance(onehot, [0], (4, 4), (32, 32))
+    d = st.mean_distance(onehot, [0], (4, 4), (32, 32))
     assert d.item() == pytest.approx(math.hypot(24, 24))
-    assert at.uniform_distance([0], (4, 4), (32, 32)).item() == pytest.approx(
-        at.mean_distance(uniform, [0], (4, 4), (32, 32)).item())
+    assert st.uniform_distance([0], (4, 4), (32, 32)).item() == pytest.approx(
+        st.mean_distance(uniform, [0], (4, 4), (32, 32)).item())
     # query independence: identical maps 1, disjoint maps 0, half-overlapping in between
     same = torch.stack([onehot[0, 0]] * 3)[None]
     eye = torch.eye(N)[None, :4]
-    assert at.query_independence(same).item() == pytest.approx(1)
-    assert at.query_independence(eye).item() == pytest.approx(0, abs=1e-6)
+    assert st.query_independence(same).item() == pytest.approx(1)
+    assert st.query_independence(eye).item() == pytest.approx(0, abs=1e-6)
     half = torch.tensor([[[0.5, 0.5, 0, 0], [0, 0.5, 0.5, 0]]])
-    assert at.query_independence(half).item() == pytest.approx(0.5)
+    assert st.query_independence(half).item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="at least 2"):
-        at.query_independence(onehot)
+        st.query_independence(onehot)
 
 
 def test_layer_table_sees_inert_and_active_attention():
-    inert = at.layer_statistics(tiny_g(gamma=0.0), [0, 1], n_queries=8)
+    inert = st.layer_statistics(tiny_g(gamma=0.0), [0, 1], n_queries=8)
     assert [r["name"] for r in inert] == ["G8", "G16"]
     assert all(r["verdict"] == "inert" and r["share"] == 0 for r in inert)
-    active = at.layer_statistics(tiny_g(gamma=0.5), [0, 1], n_queries=8)
+    active = st.layer_statistics(tiny_g(gamma=0.5), [0, 1], n_queries=8)
     for r in active:
         assert r["share"] > 0.01 and r["verdict"] != "inert"
         assert r["top_mass"] > r["uniform"] and r["entropy"] < 0.97
         assert 0 <= r["qi"] <= 1 and r["dist"] > 0
-    text = at.format_table(active, 2, 8)
+    text = st.format_table(active, 2, 8)
     assert text.count("\n| G") == 2 and "top-10 mass (uniform)" in text
 
 
 def test_explorer_takes_queries_as_pixels_or_cells_and_agrees():
-    ex = av.Explorer(tiny_g())
+    ex = Explorer(tiny_g())
     cell_a, map_a, stats = ex.query(0, "G16", pixel=(13, 6))
     cell_b, map_b, _ = ex.query(0, "G16", cell=(3, 6))
     assert cell_a == cell_b == (3, 6) and np.array_equal(map_a, map_b)
@@ -317,7 +320,7 @@ def test_explorer_takes_queries_as_pixels_or_cells_and_agrees():
     with pytest.raises(ValueError, match="channel 99"):
         ex.query_figure(0, "G16", pixel=(1, 1), channel=99)
     torch.manual_seed(0)
-    with_d = av.Explorer(tiny_g(), Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval())
+    with_d = Explorer(tiny_g(), Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval())
     assert list(with_d.layers) == ["G8", "G16", "D8", "D4"] and with_d.pick_layer() == "G16"
 
 
@@ -409,22 +412,22 @@ def test_deltas_are_zero_exactly_where_gamma_is_zero():
     torch.manual_seed(0)
     D = Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval()
     D.attn["8"].gamma.data.fill_(0.5)                              # D4 stays at its initial 0
-    table = {r["name"]: r for r in at.layer_statistics(G, [0, 1], n_queries=4, D=D)}
+    table = {r["name"]: r for r in st.layer_statistics(G, [0, 1], n_queries=4, D=D)}
     for name in ("G8", "D4"):  # zero up to float rounding (see the test above)
-        assert all(table[name][key] < 1e-6 for key in at.DELTA_KEYS.values()), name
+        assert all(table[name][key] < 1e-6 for key in st.DELTA_KEYS.values()), name
     for name in ("G16", "D8"):
-        assert all(table[name][key] > 0 for key in at.DELTA_KEYS.values()), name
+        assert all(table[name][key] > 0 for key in st.DELTA_KEYS.values()), name
     assert [table[n]["delta_of"] for n in table] == ["image", "image", "D score", "D score"]
-    text = at.format_table(list(table.values()), 2, 4)
+    text = st.format_table(list(table.values()), 2, 4)
     assert "| Δ remove | Δ uniform | Δ mean row |" in text and "| 0.0000 | 0.0000 | 0.0000 |" in text
-    lines = at.format_json(list(table.values()), 2, 4).splitlines()
+    lines = st.format_json(list(table.values()), 2, 4).splitlines()
     rows = [json.loads(line) for line in lines]
     assert [r["layer"] for r in rows] == ["G8", "G16", "D8", "D4"]
     assert rows[1]["ablation_delta"] == table["G16"]["ablation_delta"] and rows[1]["gamma"] == 0.5
 
 
 def test_one_querys_uniform_row_changes_only_the_pixels_its_cell_feeds():
-    ex = av.Explorer(tiny_g())
+    ex = Explorer(tiny_g())
     cell, image, changed = ex.intervention(0, "G16", cell=(5, 9))
     assert cell == (5, 9) and np.array_equal(image, ex.image(0))
     # after G16 only the last transposed conv (kernel 4, stride 2): cell (i, j) feeds pixels
@@ -432,14 +435,14 @@ def test_one_querys_uniform_row_changes_only_the_pixels_its_cell_feeds():
     ys, xs = np.nonzero(np.abs(changed - image).max(-1))
     assert len(ys) and set(ys) <= set(range(9, 13)) and set(xs) <= set(range(17, 21))
     with pytest.raises(ValueError, match="D's score"):
-        av.Explorer(tiny_g(), Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval()).intervention(0, "D8", cell=(0, 0))
+        Explorer(tiny_g(), Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval()).intervention(0, "D8", cell=(0, 0))
 
 
 def test_intervention_figure_marks_the_query_and_shows_the_change_where_it_is():
     changed = IMG.copy()
     i, j = PEAK
     changed[i * 8:(i + 1) * 8, j * 4:(j + 1) * 4] += 0.25       # the block of cell PEAK of a 4x8 map
-    fig, axes = av.plot_intervention(IMG, changed, QUERY, MAP_HW)
+    fig, axes = af.plot_intervention(IMG, changed, QUERY, MAP_HW)
     for ax in axes.values():
         assert tuple(ax.get_images()[0].get_extent()) == (0, 32, 32, 0)
         assert query_xy(ax) == pytest.approx(at.cell_to_pixel(*QUERY, MAP_HW, (32, 32)))
@@ -480,13 +483,13 @@ def test_contribution_is_gamma_times_weight_times_value_norm_and_sees_a_planted_
 def test_contribution_figure_marks_each_maps_own_peak():
     weights = planted_map(*MAP_HW, PEAK, SECOND)
     contrib = planted_map(*MAP_HW, SECOND, PEAK)                    # the value norms swap the order
-    fig, axes = av.plot_contribution(IMG, weights, contrib, QUERY, k=3)
+    fig, axes = af.plot_contribution(IMG, weights, contrib, QUERY, k=3)
     expect_marks(axes["weights"], weights, (32, 32), 3)
     assert query_xy(axes["contribution"]) == pytest.approx(at.cell_to_pixel(*QUERY, MAP_HW, (32, 32)))
     offsets, _ = topk_dots(axes["contribution"])
     assert tuple(offsets[0]) == pytest.approx(at.cell_to_pixel(*SECOND, MAP_HW, (32, 32)))
     matplotlib.pyplot.close(fig)
-    ex = av.Explorer(tiny_g())
+    ex = Explorer(tiny_g())
     cell, w, c, x_norm = ex.contribution(0, "G16", pixel=(13, 6))
     assert cell == (3, 6) and np.array_equal(w, ex.query(0, "G16", cell=cell)[1])
     assert not np.allclose(c / c.sum(), w)                          # the values reweigh the keys

@@ -13,9 +13,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import attention as at  # noqa: E402
-import attention_viz as av  # noqa: E402
 from checkpoint import CheckpointError, load_models  # noqa: E402
 from conftest import CELEBA_SAMPLE, ROOT, explorer_cli as cli, is_png, one_thread_env  # noqa: E402
+from explorer import Explorer  # noqa: E402
 from sagan_models import Generator  # noqa: E402
 
 NOTEBOOK = os.path.join(ROOT, "visualize_attn.ipynb")
@@ -122,7 +122,7 @@ def test_explorer_shows_the_ema_generator_by_default_and_the_raw_g_on_request(ch
     planted = tmp_path / "planted.pt"
     torch.save(ckpt, planted)
 
-    ema, raw = av.Explorer.from_checkpoint(planted), av.Explorer.from_checkpoint(planted, ema=False)
+    ema, raw = Explorer.from_checkpoint(planted), Explorer.from_checkpoint(planted, ema=False)
     assert (ema.generator, raw.generator) == ("EMA G", "raw G")
     z = at.z_for_seeds([0], 16)
     for ex, weights in ((ema, "G_ema"), (raw, "G")):  # each draws the images of its own weights
