@@ -309,6 +309,123 @@ def test_layer_table_sees_inert_and_active_attention():
     assert text.count("\n| G") == 2 and "top-10 mass (uniform)" in text
 
 
+# the verdict on hand-built rows whose answer is known: an 8x8 map over a 32px image (the quick
+# preset's G8), every query cell, 6 images that differ by a little noise
+
+G8_HW, G8_IMG = (8, 8), (32, 32)
+ALL_Q = torch.arange(64)
+
+
+def dist_px():
+    keys = at.key_pixels(G8_HW, G8_IMG)
+    return torch.cdist(keys, keys)                                  # (N, N) query -> key, pixels
+
+
+def verdict_of(make_row, images=6, seed=0):
+    """The table's verdict and row (summarise) for rows made by make_row(query, rng) -> (N,)
+    weights, an active layer (share 0.1)."""
+    rng = np.random.default_rng(seed)
+    rows = torch.tensor(np.stack([[make_row(q, rng) for q in range(64)] for _ in range(images)]),
+                        dtype=torch.float32)
+    rows = rows / rows.sum(-1, keepdim=True)                        # (B, Q, N)
+    measures = st.row_measures(rows, ALL_Q, G8_HW, G8_IMG)
+    r = st.summarise("G8", G8_HW, torch.full((images,), 0.1), measures, measures,
+                     st.uniform_distance(ALL_Q, G8_HW, G8_IMG))
+    return st.verdict(r), r
+
+
+def noise(rng):
+    return rng.uniform(0, 0.002, 64)
+
+
+def test_a_planted_far_peak_reads_long_range():
+    far = dist_px().argmax(1)                                       # each query's farthest key
+    v, r = verdict_of(lambda q, rng: np.eye(64)[far[q]] * 0.8 + 0.2 / 64 + noise(rng))
+    assert v == "long-range" and r["dist_excess_ci"][0] > 0
+
+
+def test_uniform_rows_read_near_uniform_and_show_no_distance_preference():
+    v, r = verdict_of(lambda q, rng: np.full(64, 1 / 64) + noise(rng))
+    assert v == "near-uniform"
+    lo, hi = r["dist_excess_ci"]
+    assert lo < 0 < hi and abs(r["dist_excess"]) < 0.1              # no distance preference either
+
+
+def test_a_planted_local_peak_reads_local():
+    v, r = verdict_of(lambda q, rng: np.eye(64)[q] * 0.8 + 0.2 / 64 + noise(rng))
+    assert v == "local" and r["dist_excess_ci"][1] < 0 and r["dist"] < st.LOCAL_DIST * r["dist_uniform"]
+
+
+def test_one_row_for_every_query_reads_shared():
+    shared = np.eye(64)[27] * 0.8 + 0.2 / 64
+    v, r = verdict_of(lambda q, rng: shared + noise(rng))
+    assert v == "one map for all queries" and r["qi"] > 0.99
+
+
+def test_peaks_at_random_keys_read_no_distance_preference():
+    v, r = verdict_of(lambda q, rng: np.eye(64)[rng.integers(64)] * 0.8 + 0.2 / 64 + noise(rng))
+    assert r["entropy"] < st.NEAR_UNIFORM_H and r["qi"] < st.SHARED_MAP_QI
+    assert v == "no distance preference", r["dist_excess_ci"]
+
+
+def test_the_quick_presets_g8_distance_below_uniforms_is_not_long_range():
+    """The issue's case: 15.6 px against uniform's 16.5, which the old verdict called long-range
+    because it was not under 60% of uniform's; peaks at random keys with a little weight at home."""
+    def row(q, rng):
+        return np.eye(64)[rng.integers(64)] * 0.65 + np.eye(64)[q] * 0.05 + 0.3 / 64 + noise(rng)
+    v, r = verdict_of(row)
+    assert r["dist"] / r["dist_uniform"] == pytest.approx(15.6 / 16.5, abs=0.03)
+    assert r["dist"] > st.LOCAL_DIST * r["dist_uniform"]            # the old rule's "long-range"
+    assert v in ("slightly local", "no distance preference") and r["dist_excess_ci"][0] < 0
+
+
+def test_mean_interval_covers_the_spread_of_images_and_queries():
+    assert st.mean_interval(torch.full((4, 5), 3.0)) == pytest.approx((3.0, 3.0))
+    rng = np.random.default_rng(0)
+    per_image = torch.tensor(rng.normal(0, 1, (20, 1))) + torch.zeros(20, 30)  # images differ, queries not
+    lo, hi = st.mean_interval(per_image)
+    sem = float(per_image[:, 0].std()) / math.sqrt(20)
+    assert lo < float(per_image.mean()) < hi and hi - lo == pytest.approx(2 * 1.96 * sem, rel=0.25)
+
+
+def test_contribution_statistics_follow_a_planted_value_that_the_weights_ignore():
+    """query_statistics' two weightings: a key made to add a large value (a direction q and k ignore,
+    so no weight changes) pulls the contribution numbers to it and leaves the weight numbers."""
+    layer = self_attn(gamma=0.6)
+    x = torch.randn(1, 16, 8, 8)
+    qk = torch.cat([layer.query_conv.weight, layer.key_conv.weight])[:, :, 0, 0]
+    blind = torch.linalg.svd(qk).Vh[-1]
+    planted = x.clone()
+    planted[0, :, 7, 7] += 1e5 * blind                              # key 63, the bottom-right corner
+    queries = torch.tensor([0, 9, 18])                              # near the top-left corner
+    before = st.query_statistics(layer, x, queries, G8_IMG)
+    after = st.query_statistics(layer, planted, queries, G8_IMG)
+    for key in ("top_mass", "entropy", "dist"):
+        assert torch.allclose(after["weights"][key], before["weights"][key], atol=2e-3), key
+    far = dist_px()[queries, 63].float()                            # (Q,) pixels to the planted key
+    assert torch.allclose(after["contribution"]["dist"][0], far, rtol=0.02)
+    assert (after["contribution"]["top_mass"] > 0.99).all() and (after["contribution"]["entropy"] < 0.05).all()
+    assert torch.equal(after["dist_uniform"], st.uniform_distance(queries, G8_HW, G8_IMG))
+
+
+def test_the_table_and_json_carry_the_interval_and_the_contribution_numbers():
+    table = st.layer_statistics(tiny_g(gamma=0.5), [0, 1, 2], n_queries=8)
+    for r in table:
+        lo, hi = r["dist_excess_ci"]
+        assert lo <= r["dist_excess"] <= hi
+        assert r["dist_excess"] == pytest.approx(r["dist"] - r["dist_uniform"], abs=1e-4)
+        assert 0 < r["contribution_top_mass"] <= 1 and 0 <= r["contribution_entropy"] <= 1
+        assert r["verdict"] in st.VERDICTS
+    text = st.format_table(table, 3, 8)
+    assert "| dist − uniform [95%] |" in text and "| contrib. top-10 |" in text
+    rows = [json.loads(line) for line in st.format_json(table, 3, 8).splitlines()]
+    assert rows[0]["dist_excess_ci"] == list(table[0]["dist_excess_ci"])
+    assert rows[0]["contribution_dist"] == table[0]["contribution_dist"]
+    inert = st.layer_statistics(tiny_g(gamma=0.0), [0], n_queries=4)  # nothing added: no shares
+    assert math.isnan(inert[0]["contribution_dist"]) and "| — |" in st.format_table(inert)
+    assert json.loads(st.format_json(inert).splitlines()[0])["contribution_dist"] is None
+
+
 def test_explorer_takes_queries_as_pixels_or_cells_and_agrees():
     ex = Explorer(tiny_g())
     cell_a, map_a, stats = ex.query(0, "G16", pixel=(13, 6))
