@@ -23,11 +23,9 @@ attention.pixel_to_cell (the JS function pixelToCell mirrors it; the browser tes
 and draws cell (i, j) at its block centre, attention.cell_to_pixel.
 """
 import base64
-import html
 import io
 import json
 import time
-import warnings
 import zlib
 
 import numpy as np
@@ -133,17 +131,6 @@ def write_page(ex, path, seeds, k=TOPK, film=None):
     with open(path, "w", encoding="utf-8") as f:
         f.write(html)
     return len(html.encode("utf-8")), time.perf_counter() - t0
-
-
-def notebook_page(ex, seeds, k=TOPK, height=720):
-    """The page as a notebook output: an iframe holding it (srcdoc), so a click on the image picks the
-    query in JupyterLab and VS Code as in the standalone file. A static render of the notebook shows
-    no page (the notebook's figure cells are its still images)."""
-    from IPython.display import HTML
-    srcdoc = html.escape(build_page(ex, seeds, k), quote=True)
-    with warnings.catch_warnings():  # IPython suggests IFrame, which takes a URL: the page has none
-        warnings.simplefilter("ignore", UserWarning)
-        return HTML(f'<iframe srcdoc="{srcdoc}" style="width: 100%; height: {height}px; border: 0"></iframe>')
 
 
 PAGE = r"""<!DOCTYPE html>

@@ -7,10 +7,14 @@ The maths comes from `attention.py`, the numbers from `attention_stats.py`, the 
 `attention_figures.py`; the standalone page from `attention_page.py`.
 """
 import base64
+import html
+import io
 import os
+import warnings
 from functools import lru_cache
 
 import torch
+from PIL import Image
 
 from attention import (TOPK, attention_layers, attention_rows, cell_to_index, check_layer, check_pixel,
                        contribution_rows, face_pixels, feature_image, gamma, intervene, key_saliency,
@@ -18,6 +22,7 @@ from attention import (TOPK, attention_layers, attention_rows, cell_to_index, ch
 from attention_figures import (figure_png, plot_contribution, plot_film, plot_grid, plot_intervention,
                                plot_layers, plot_queries, plot_query, plot_saliency, save_figure,
                                save_film_gif)
+from attention_page import build_page
 from attention_stats import format_table, layer_statistics, map_stats
 from checkpoint import (CheckpointError, atomic_save, list_checkpoints, load_checkpoint, load_models,
                         saved_steps)
@@ -282,7 +287,7 @@ class Explorer:
             v = {n: c.value for n, c in ctl.items()}
             fig, _ = self.query_figure(v["seed"], v["layer"], (v["x"], v["y"]), k=v["k"],
                                        upsample=v["upsample"])
-            view.value = figure_png(fig)
+            show_png(view, figure_png(fig))
         for c in ctl.values():
             c.observe(render, names="value")
         render()
@@ -366,15 +371,30 @@ class Film:
         view = w.Image(format="png")
 
         def render(_=None):
-            view.value = figure_png(plot_film([self.frames[slider.value]], k, self.title)[0])
+            show_png(view, figure_png(plot_film([self.frames[slider.value]], k, self.title)[0]))
         slider.observe(render, names="value")
         render()
         return WidgetWithFallback(w.VBox([slider, view]), view)
 
 
+def png_size(png):
+    """(width, height) in pixels of PNG bytes, from its header."""
+    with Image.open(io.BytesIO(png)) as im:
+        return im.size
+
+
+def show_png(view, png):
+    """Put PNG bytes in an ipywidgets Image at the PNG's own pixel size: without a size, JupyterLab
+    stretches the image to the output's width (a 252 px film column became 1064 px, blurred)."""
+    width, height = png_size(png)
+    view.value = png
+    view.width, view.height = str(width), str(height)
+    view.layout.width, view.layout.height = f"{width}px", f"{height}px"
+
+
 class WidgetWithFallback:
-    """Displays as the widget where widgets run, else as the PNG the widget is showing: the
-    mimebundle carries both, and front ends pick the richest type they can render."""
+    """Displays as the widget where widgets run, else as the PNG the widget is showing, at its own
+    pixel size: the mimebundle carries both, and front ends pick the richest type they can render."""
 
     def __init__(self, widget, image):
         self.widget, self.image = widget, image
@@ -386,5 +406,26 @@ class WidgetWithFallback:
         bundle = dict(bundle)
         bundle["image/png"] = base64.b64encode(self.image.value).decode("ascii")  # as Jupyter stores it
         bundle["text/plain"] = "attention explorer (run the notebook in Jupyter for the sliders)"
-        return bundle
+        width, height = png_size(self.image.value)
+        return bundle, {"image/png": dict(width=width, height=height)}
 
+
+# the page's own height, read by the notebook's iframe: once loaded and whenever the page's content
+# changes size (its panels are built after the data is inflated, asynchronously)
+FIT_TO_PAGE = ("const f = this, d = f.contentDocument; "
+               "const fit = () => { f.style.height = Math.ceil(d.documentElement.getBoundingClientRect().height) + 'px'; }; "
+               "fit(); new ResizeObserver(fit).observe(d.documentElement);")
+
+
+def notebook_page(ex, seeds=range(4), k=TOPK):
+    """The standalone page (attention_page.build_page) as a notebook output: an iframe holding it
+    (srcdoc), so a click on the image picks the query in JupyterLab and VS Code as in the file, as
+    tall as the page (FIT_TO_PAGE: no inner scroll bar). A static render of the notebook shows no
+    page (the notebook's figure cells are its still images)."""
+    from IPython.display import HTML
+    srcdoc = html.escape(build_page(ex, list(seeds), k), quote=True)
+    fit = html.escape(FIT_TO_PAGE, quote=True)
+    with warnings.catch_warnings():  # IPython suggests IFrame, which takes a URL: the page has none
+        warnings.simplefilter("ignore", UserWarning)
+        return HTML(f'<iframe srcdoc="{srcdoc}" onload="{fit}" '
+                    f'style="width: 100%; height: 720px; border: 0"></iframe>')
