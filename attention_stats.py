@@ -135,17 +135,18 @@ INERT_SHARE = 0.01        # attention changes its layer's input by under 1%
 NEAR_UNIFORM_H = 0.97     # entropy this close to uniform: the layer averages everything
 SHARED_MAP_QI = 0.9       # different queries' maps nearly identical
 LOCAL_DIST = 0.6          # attends closer than 60% of the uniform-attention distance
-VERDICTS = ("inert", "near-uniform", "one map for all queries", "long-range", "local", "slightly local",
-            "no distance preference")
+LONG_DIST = 1.2           # attends a fifth farther than uniform attention (its maximum is about 1.85x)
+VERDICTS = ("inert", "near-uniform", "one map for all queries", "long-range", "slightly long-range", "local",
+            "slightly local", "no distance preference")
 
 
 def verdict(r):
     """What a layer's numbers r (a layer_statistics row) support, in words (one of VERDICTS).
 
     The distance verdicts rest on the interval of the attention-weighted distance minus uniform
-    attention's (dist_excess_ci, over images x queries): 'long-range' only when the whole interval
-    is above 0, 'local' when it is below 0 and the distance under LOCAL_DIST of uniform's,
-    'slightly local' when below 0 but not that far, otherwise 'no distance preference'."""
+    attention's (dist_excess_ci, over images x queries): above 0, 'long-range' when the distance is
+    over LONG_DIST of uniform's, else 'slightly long-range'; below 0, 'local' when it is under
+    LOCAL_DIST of uniform's, else 'slightly local'; an interval holding 0: 'no distance preference'."""
     if r["share"] < INERT_SHARE:
         return "inert"
     if r["entropy"] > NEAR_UNIFORM_H:
@@ -154,7 +155,7 @@ def verdict(r):
         return "one map for all queries"
     lo, hi = r["dist_excess_ci"]
     if lo > 0:
-        return "long-range"
+        return "long-range" if r["dist"] > LONG_DIST * r["dist_uniform"] else "slightly long-range"
     if hi < 0:
         return "local" if r["dist"] < LOCAL_DIST * r["dist_uniform"] else "slightly local"
     return "no distance preference"
@@ -248,8 +249,9 @@ def format_table(table, n_images=None, n_queries=None, generator=None):
              for r in table]
     note = ("\n\nmean dist: the attention-weighted distance from the query to the keys, next to uniform "
             "attention's; dist − uniform: their difference with its 95% bootstrap interval over images x "
-            "queries. 'long-range' needs that interval above 0, 'local' below 0 and the distance under "
-            f"{LOCAL_DIST:.0%} of uniform's, 'slightly local' below 0 otherwise; an interval around 0 "
+            f"queries. 'long-range' needs that interval above 0 and the distance over {LONG_DIST:.0%} of "
+            f"uniform's ('slightly long-range' when above 0 but not that far), 'local' below 0 and under "
+            f"{LOCAL_DIST:.0%} of uniform's ('slightly local' when not that close); an interval holding 0 "
             "reads 'no distance preference'. contrib.: the same numbers with each key weighted by what "
             "it adds to the query's output, ||gamma·a_qk·v_k||, instead of its weight."
             "\n\nΔ: mean absolute change when the layer's attention term is removed (gamma·o → 0), its "

@@ -344,6 +344,16 @@ def test_a_planted_far_peak_reads_long_range():
     assert v == "long-range" and r["dist_excess_ci"][0] > 0
 
 
+def test_a_slightly_far_peak_is_measured_but_not_called_long_range():
+    """Peaks at random keys plus a little weight on the farthest: measurably farther than uniform,
+    but by less than a fifth, as the showcase model's G16 (35.8 against 34.0 px)."""
+    far = dist_px().argmax(1)
+    v, r = verdict_of(lambda q, rng: np.eye(64)[rng.integers(64)] * 0.5 + np.eye(64)[far[q]] * 0.15
+                      + 0.35 / 64 + noise(rng))
+    assert r["dist_excess_ci"][0] > 0 and r["dist"] < st.LONG_DIST * r["dist_uniform"]
+    assert v == "slightly long-range"
+
+
 def test_uniform_rows_read_near_uniform_and_show_no_distance_preference():
     v, r = verdict_of(lambda q, rng: np.full(64, 1 / 64) + noise(rng))
     assert v == "near-uniform"
