@@ -377,6 +377,8 @@ class Film:
         return WidgetWithFallback(w.VBox([slider, view]), view)
 
 
+# ============================================================================ notebook
+
 def png_size(png):
     """(width, height) in pixels of PNG bytes, from its header."""
     with Image.open(io.BytesIO(png)) as im:

@@ -18,6 +18,9 @@ html (a standalone page: hover or click a pixel of --seeds' images, every layer 
 A query is an image pixel --pixel X,Y (x right, y down, from 0) or a feature cell of --layer,
 --cell ROW,COL. The generator shown is the EMA one when the
 checkpoint has it (as in the run's samples), the raw G with --raw_g; every output says which.
+
+This file is the command line only (its arguments, their checks, which function each view calls):
+the session is explorer.py's, the table attention_stats.py's, the page attention_page.py's.
 """
 import argparse
 import contextlib
