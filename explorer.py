@@ -387,11 +387,12 @@ def png_size(png):
 
 def show_png(view, png):
     """Put PNG bytes in an ipywidgets Image at the PNG's own pixel size: without a size, JupyterLab
-    stretches the image to the output's width (a 252 px film column became 1064 px, blurred)."""
-    width, height = png_size(png)
+    stretches the image to the output's width (a 252 px film column became 1064 px, blurred). An
+    output narrower than the image shrinks it, keeping its proportions."""
+    width, _ = png_size(png)
     view.value = png
-    view.width, view.height = str(width), str(height)
-    view.layout.width, view.layout.height = f"{width}px", f"{height}px"
+    view.width = str(width)
+    view.layout.width, view.layout.height, view.layout.max_width = f"{width}px", "auto", "100%"
 
 
 class WidgetWithFallback:
