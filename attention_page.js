@@ -226,9 +226,6 @@ async function draw() {
   drawInterventions();
   drawFilmNote();
   document.body.dataset.ready = "1";
-  try {  // inside the notebook's iframe (same origin): grow it to the page, no inner scroll bar
-    if (window.frameElement) window.frameElement.style.height = document.documentElement.scrollHeight + "px";
-  } catch (e) { /* a frame of another origin: it keeps its height */ }
 }
 
 // the selected seed's image with each G layer's attention removed / made uniform (precomputed)

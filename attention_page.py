@@ -31,20 +31,19 @@ attention.pixel_to_cell (the JS function pixelToCell mirrors it; the browser tes
 and draws cell (i, j) at its block centre, attention.cell_to_pixel.
 """
 import base64
-import html
 import io
 import json
 import os
 import time
-import warnings
 import zlib
 
 import numpy as np
 import torch
 
-from attention import (TOPK, attention_layers, attention_rows, contribution_rows, entropy_norm, gamma,
-                       intervene, mean_distance, to_image, topk_mass, uniform_distance, z_for_seeds)
+from attention import TOPK, attention_layers, attention_rows, contribution_rows, gamma, intervene, z_for_seeds
 from attention_colors import lut
+from attention_stats import entropy_norm, mean_distance, topk_mass, uniform_distance
+from utils import to_image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATE, STYLE, SCRIPT = "attention_page.html", "attention_page.css", "attention_page.js"
@@ -163,11 +162,11 @@ def page_data(ex, seeds, k=TOPK):
 
 
 def film_data(film, k=TOPK):
-    """The page's 'through training' slider from an attention_viz.Film: its title, what it shows
+    """The page's 'through training' slider from an explorer.Film: its title, what it shows
     (seed, layer, query: the page names them and writes the command for another query), the run
     folder and, per saved checkpoint, the step and the film's column for it (plot_film) as a PNG
     data: URI."""
-    from attention_viz import figure_png, plot_film
+    from attention_figures import figure_png, plot_film
     frames = [dict(step=f["step"], image="data:image/png;base64," + base64.b64encode(
         figure_png(plot_film([f], k)[0])).decode("ascii")) for f in film.frames]
     return dict(title=film.title.replace("\n", " "), frames=frames, seed=film.seed, layer=film.layer,
@@ -211,13 +210,3 @@ def write_page(ex, path, seeds, k=TOPK, film=None):
     return len(html.encode("utf-8")), time.perf_counter() - t0
 
 
-def notebook_page(ex, seeds, k=TOPK, height=720):
-    """The page as a notebook output: an iframe holding it (srcdoc), so a click on the image picks the
-    query in JupyterLab and VS Code as in the standalone file. The iframe opens `height` px tall and
-    the page, once drawn, grows it to its own height (a srcdoc frame is same-origin), so nothing is
-    cut off. A static render of the notebook shows no page (the figure cells are its still images)."""
-    from IPython.display import HTML
-    srcdoc = html.escape(build_page(ex, seeds, k), quote=True)
-    with warnings.catch_warnings():  # IPython suggests IFrame, which takes a URL: the page has none
-        warnings.simplefilter("ignore", UserWarning)
-        return HTML(f'<iframe srcdoc="{srcdoc}" style="width: 100%; height: {height}px; border: 0"></iframe>')

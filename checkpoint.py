@@ -234,7 +234,7 @@ def load_checkpoint(path, map_location="cpu", training=False, seed_files=False):
     return ckpt
 
 
-# what resuming a run needs besides the networks; an exported model (export_models) holds none of it
+# what resuming a run needs besides the networks; an exported model (explorer.export_models) holds none of it
 TRAINING_STATE = dict(step=int, G=dict, D=dict, opt_g=dict, opt_d=dict, fixed_z=torch.Tensor, rng=dict)
 DAMAGED = "the file is damaged or not a checkpoint of this project"
 
@@ -385,44 +385,3 @@ def _seed_models(path, state, device, with_d, verbose):
 def load_generator(path, device="cpu", ema=True, verbose=True):
     """The Generator of a checkpoint, EMA weights unless ema=False: load_models' G."""
     return load_models(path, device, ema=ema, verbose=verbose).G
-
-
-# ----------------------------------------------------------------------------- sharing a model
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-SHOWCASE = os.path.join(ROOT, "assets", "showcase_celeba64.pt")  # tools/showcase.py makes it
-
-
-def export_models(path, out, with_d=True):
-    """A small copy of a checkpoint for sharing: the EMA generator (the raw G when there is none)
-    and, `with_d`, D, in fp16, with the step, config and model_args; no optimizer or RNG state, so
-    it can be explored but not resumed. load_models opens it like any checkpoint."""
-    def half(state):
-        return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-
-    ckpt = load_checkpoint(path)
-    small = dict(step=ckpt.get("step"), config=ckpt.get("config", {}), exported_from=os.path.basename(path),
-                 model_args=ckpt["model_args"])
-    small["G_ema" if "G_ema" in ckpt else "G"] = half(ckpt.get("G_ema", ckpt.get("G")))
-    if with_d:
-        small["D"] = half(ckpt["D"])
-    atomic_save(small, out)
-    return out
-
-
-def find_checkpoint(path=None, runs="models"):
-    """(checkpoint, why) the explorer opens: `path` when given, else $SAGAN_CHECKPOINT, else the
-    newest local run's latest.pt under `runs`, else the showcase model shipped in assets/."""
-    if path:
-        return path, "given"
-    if os.environ.get("SAGAN_CHECKPOINT"):
-        return os.environ["SAGAN_CHECKPOINT"], "from $SAGAN_CHECKPOINT"
-    local = [p for p in (os.path.join(runs, d, "latest.pt") for d in sorted(os.listdir(runs)))
-             if os.path.isfile(p)] if os.path.isdir(runs) else []
-    if local:
-        return max(local, key=os.path.getmtime), f"the newest run under {runs}/"
-    if os.path.isfile(SHOWCASE):
-        return SHOWCASE, "no --checkpoint and no local run: the showcase model shipped in assets/"
-    raise CheckpointError(f"no checkpoint given, no run under {runs!r} and no showcase model at "
-                          f"{SHOWCASE!r}: pass --checkpoint (or set SAGAN_CHECKPOINT), or train one "
-                          f"with `make demo`")

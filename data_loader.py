@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from image_cache import cached
@@ -53,6 +53,15 @@ def read_rgb(path):
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
         return img.convert("RGB")  # convert() decodes the whole file: truncation shows up here
+
+
+def load_image(path, imsize, crop=160):
+    """One image file prepared as in training (centre crop, resize): (3, imsize, imsize) in [-1, 1],
+    e.g. a real image for D to attend over; a clear ValueError when the file is not an image."""
+    try:
+        return to_tensor(center_crop_resize(read_rgb(path), imsize, crop))
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"image {path!r} cannot be read ({e}); pass a JPEG or PNG file") from None
 
 
 PROBE_FILES = 64  # files decoded at start: enough to tell a folder of images from one of junk

@@ -25,6 +25,11 @@ def denorm(x):
     return ((x + 1) / 2).clamp_(0, 1)
 
 
+def to_image(x):
+    """(3, h, w) in [-1, 1] -> (h, w, 3) float numpy in [0, 1], for drawing."""
+    return denorm(x.detach().float().cpu().clone()).permute(1, 2, 0).numpy()
+
+
 def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -18,6 +18,9 @@ html (a standalone page: hover or click a pixel of --seeds' images, every layer 
 A query is an image pixel --pixel X,Y (x right, y down, from 0) or a feature cell of --layer,
 --cell ROW,COL. The generator shown is the EMA one when the
 checkpoint has it (as in the run's samples), the raw G with --raw_g; every output says which.
+
+This file is the command line only (its arguments, their checks, which function each view calls):
+the session is explorer.py's, the table attention_stats.py's, the page attention_page.py's.
 """
 import argparse
 import contextlib
@@ -28,11 +31,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: never needs a display
 
-import attention_viz as av  # noqa: E402
-from attention import INTERVENTIONS, TOPK, format_json, load_image  # noqa: E402
+import explorer  # noqa: E402
+from attention import INTERVENTIONS, TOPK  # noqa: E402
+from attention_figures import save_figure  # noqa: E402
 from attention_page import film_data, write_page  # noqa: E402
-from checkpoint import find_checkpoint, saved_steps  # noqa: E402
+from attention_stats import format_json  # noqa: E402
 from cli import Parser, UserError, run  # noqa: E402
+from data_loader import load_image  # noqa: E402
 
 VIEWS = ("query", "layers", "queries", "grid", "saliency", "contribution", "intervene", "film", "html")
 
@@ -152,24 +157,10 @@ def make_figure(ex, args, d_image):
     return ex.saliency_figure(args.seed)
 
 
-def write_film(args, device, d_image):
-    """--view film: the strip at --out and the animated GIF beside it (same name, .gif)."""
-    film = av.Film(args.checkpoint, args.seed, args.layer, args.pixel[0] if args.pixel else None, args.cell,
-                   args.max_frames, device, ema=not args.raw_g, with_d=args.with_d or bool(args.d_image),
-                   d_image=d_image)
-    gif = film.save_gif(os.path.splitext(args.out)[0] + ".gif", args.topk)
-    fig, _ = film.figure(args.topk)
-    av.save_figure(fig, args.out, dpi=args.dpi)
-    print(f"steps {', '.join(map(str, film.steps))}: wrote {args.out} and {gif}")
-
-
-def page_film(args, device):
-    """The page's slider through training, when the checkpoint is one of a run's several saved steps."""
-    if len(saved_steps(os.path.dirname(os.path.abspath(args.checkpoint)))) < 2:
-        return None
-    film = av.Film(args.checkpoint, args.seed, args.layer, args.pixel[0] if args.pixel else None, args.cell,
-                   args.max_frames, device, ema=not args.raw_g)
-    return film_data(film, args.topk)
+def film_args(args):
+    """Film's arguments from the command line's: (path, seed, layer, pixel, cell, max_frames)."""
+    return (args.checkpoint, args.seed, args.layer, args.pixel[0] if args.pixel else None, args.cell,
+            args.max_frames)
 
 
 def main(argv=None):
@@ -181,26 +172,31 @@ def main(argv=None):
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
             from utils import pick_device
             device = pick_device(args.device)
-            args.checkpoint, why = find_checkpoint(args.checkpoint)
+            args.checkpoint, why = explorer.find_checkpoint(args.checkpoint)
             if why != "given":
                 print(f"checkpoint: {args.checkpoint} ({why})")
             if args.view == "film":  # a run folder: the explorer and the table show its last checkpoint
-                args.checkpoint = av.film_checkpoints(args.checkpoint)[-1]
+                args.checkpoint = explorer.film_checkpoints(args.checkpoint)[-1]
             # the page shows every layer of G and D: D whenever the checkpoint has one
             with_d = args.with_d or bool(args.d_image) or (None if args.view == "html" else False)
-            ex = av.Explorer.from_checkpoint(args.checkpoint, device, with_d=with_d, ema=not args.raw_g)
+            ex = explorer.Explorer.from_checkpoint(args.checkpoint, device, with_d=with_d, ema=not args.raw_g)
             if not ex.layers:
                 raise UserError(f"{args.checkpoint!r} has no attention layers (trained with --g_attn none)")
             d_image = load_image(args.d_image, ex.imsize, args.center_crop) if args.d_image else None
             print(ex.describe())
             if args.out and args.view == "film":
-                write_film(args, device, d_image)
+                film = explorer.Film(*film_args(args), device, ema=not args.raw_g,
+                                     with_d=args.with_d or bool(args.d_image), d_image=d_image)
+                strip, gif = film.save(args.out, args.topk, args.dpi)
+                print(f"steps {', '.join(map(str, film.steps))}: wrote {strip} and {gif}")
             elif args.out and args.view == "html":
-                size, seconds = write_page(ex, args.out, args.seeds, args.topk, page_film(args, device))
+                film = explorer.run_film(*film_args(args), device, ema=not args.raw_g)
+                size, seconds = write_page(ex, args.out, args.seeds, args.topk,
+                                           film_data(film, args.topk) if film else None)
                 print(f"wrote {args.out}: {size / 1e6:.2f} MB, {len(args.seeds)} seeds, built in {seconds:.1f} s")
             elif args.out:
                 fig, _ = make_figure(ex, args, d_image)
-                av.save_figure(fig, args.out, dpi=args.dpi)
+                save_figure(fig, args.out, dpi=args.dpi)
                 print(f"wrote {args.out}")
             if args.table:
                 text, table = ex.table(args.table_images, args.table_queries)

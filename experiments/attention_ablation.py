@@ -28,7 +28,7 @@ What it measures (experiments/eye_metrics.py has the definitions):
   layers_removed: the layer passes its input through, as with gamma 0), and with all of them removed.
 Uncertainty: 95% bootstrap intervals over generated faces (resampled within each seed) and the
 seeds' min-max. Written to <out>/results.md and <out>/results.json, with figures of where the eye
-query looks (attention_viz.Explorer) for one checkpoint of each arm with attention, and the eyes of
+query looks (explorer.Explorer) for one checkpoint of each arm with attention, and the eyes of
 the same z at every checkpoint of both arms (irises_seed<seed>.png: when irises appear).
 """
 import itertools
@@ -43,11 +43,13 @@ import matplotlib
 import numpy as np
 import torch
 
-from attention import INERT_SHARE, attention_layers, face_pixels, layers_removed, map_hw, pixel_queries
-from attention_viz import Explorer, save_figure
+from attention import attention_layers, face_pixels, layers_removed, map_hw, pixel_queries
+from attention_figures import save_figure
+from attention_stats import INERT_SHARE
 from checkpoint import ckpt_name, load_generator, saved_steps
 from cli import Parser, UserError, run
 from data_loader import synthetic_face
+from explorer import Explorer
 from experiments.eye_metrics import (eye_agreement, eye_attention, eye_cells, eye_colours, eye_layout,
                                      region_masks)
 from experiments.uncertainty import difference, public, summarise
@@ -509,7 +511,7 @@ def irises_figure(args, layout):
 
 def main(argv=None):
     start = time.perf_counter()
-    matplotlib.use("Agg")  # headless: the figures go to files (attention_viz imports pyplot on first use)
+    matplotlib.use("Agg")  # headless: the figures go to files (attention_figures imports pyplot on first use)
     args = check_args(build_parser().parse_args(argv))
     if not args.score_only:
         train_runs(args)

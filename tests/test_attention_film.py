@@ -1,4 +1,4 @@
-"""Attention through training (--view film, attention_viz.Film) on a real tiny run that saved
+"""Attention through training (--view film, explorer.Film) on a real tiny run that saved
 several checkpoints: the strip and the GIF hold one column / frame per checkpoint, in step order,
 each drawn from that checkpoint's generator for the same z and query."""
 import json
@@ -15,10 +15,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import attention_viz as av  # noqa: E402
 from attention import cell_to_pixel, pixel_to_cell  # noqa: E402
 from checkpoint import list_checkpoints, saved_steps  # noqa: E402
 from conftest import ROOT, SMOKE, explorer_cli as cli, is_png, one_thread_env  # noqa: E402
+from explorer import Explorer, Film, film_checkpoints  # noqa: E402
 from tools.dashboard_screenshot import CHROMIUM, chromium_page  # noqa: E402
 
 
@@ -57,11 +57,11 @@ def test_cli_writes_the_strip_and_a_gif_frame_per_checkpoint(run_dir, tmp_path, 
 
 def test_film_columns_are_the_saved_steps_same_z_same_query(run_dir):
     pixel = (20, 9)
-    film = av.Film(str(run_dir), seed=3, pixel=pixel)
+    film = Film(str(run_dir), seed=3, pixel=pixel)
     assert film.steps == saved_steps(str(run_dir)) == [2, 4, 6]
     for f, path in zip(film.frames, list_checkpoints(str(run_dir))):
         # each frame is what the explorer of that checkpoint shows for seed 3 (the same z)
-        ex = av.Explorer.from_checkpoint(path, verbose=False)
+        ex = Explorer.from_checkpoint(path, verbose=False)
         np.testing.assert_array_equal(f["image"], ex.image(3))
         cell, m, stats = ex.query(3, "G16", pixel=pixel)
         assert f["cell"] == cell == pixel_to_cell(*pixel, (16, 16), (32, 32))
@@ -81,15 +81,15 @@ def test_film_columns_are_the_saved_steps_same_z_same_query(run_dir):
 
 
 def test_max_frames_keeps_evenly_spaced_checkpoints_and_the_last(run_dir, tmp_path):
-    assert av.Film(str(run_dir), max_frames=2).steps == [2, 6]
-    assert av.Film(str(run_dir), max_frames=1).steps == [6]
+    assert Film(str(run_dir), max_frames=2).steps == [2, 6]
+    assert Film(str(run_dir), max_frames=1).steps == [6]
     many = tmp_path / "many"  # the choice depends on the file names only
     many.mkdir()
     for step in range(1, 11):
         (many / f"ckpt_{step:07d}.pt").touch()
-    picked = [os.path.basename(p) for p in av.film_checkpoints(str(many), 4)]
+    picked = [os.path.basename(p) for p in film_checkpoints(str(many), 4)]
     assert picked == ["ckpt_0000001.pt", "ckpt_0000004.pt", "ckpt_0000007.pt", "ckpt_0000010.pt"]
-    assert len(av.film_checkpoints(str(many), 12)) == 10
+    assert len(film_checkpoints(str(many), 12)) == 10
 
 
 def test_one_checkpoint_is_a_film_of_one_frame(run_dir, tmp_path, capsys):

@@ -16,10 +16,12 @@ import torch
 import attention as at
 import attention_colors as ac
 import attention_page as ap
-import attention_viz as av
+from attention_stats import map_stats
 from conftest import explorer_cli as cli
+from explorer import Explorer, Film
 from sagan_models import Discriminator, Generator
 from test_attention_viz import planted_map, tiny_g
+from utils import to_image
 from tools.dashboard_screenshot import CHROMIUM, chromium_page
 
 SEEDS = [0, 3]
@@ -47,7 +49,7 @@ def planted_explorer():
         return out, torch.where(hit[None, :, None], row.to(attention), attention)
 
     G.attn["16"].register_forward_hook(plant, with_kwargs=True)
-    return av.Explorer(G, D)
+    return Explorer(G, D)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ def test_the_pages_data_holds_a_planted_peak_first_and_the_figures_numbers(explo
                                                            at.cell_to_index(*SECOND, 16)]])
         assert a["weights"][n].argmax() == at.cell_to_index(*PEAK, 16) and a["weights"][n].max() == 255
         # the numbers of the figure for that query (attention.map_stats)
-        st = at.map_stats(planted, n, (16, 16), (32, 32))
+        st = map_stats(planted, n, (16, 16), (32, 32))
         assert a["stats"][n] == pytest.approx([st["top_mass"], st["entropy"], st["dist"]], rel=1e-5)
     # every other layer: the same cells as the explorer's figures mark (attention.topk_cells)
     for name in ("G8", "D8", "D4"):
@@ -117,7 +119,7 @@ def test_the_page_is_small_at_64px(tmp_path):
     for block in G.blocks:                                      # noisy, nearly uniform maps: the rows
         block[1].weight.data.mul_(4)                            # that compress worst
     t0 = time.perf_counter()
-    size, _ = ap.write_page(av.Explorer(G, D), str(tmp_path / "page.html"), list(range(8)))
+    size, _ = ap.write_page(Explorer(G, D), str(tmp_path / "page.html"), list(range(8)))
     print(f"64px page, 8 seeds, G16 G32 D8 D4: {size / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
     assert size < 25e6
 
@@ -147,7 +149,7 @@ def test_contribution_numbers_are_the_contributions_own(explorer, page):
             if L["gamma"] == 0:
                 assert contrib.sum() == 0 and np.isnan(cstats[q]).all()
                 continue
-            st = at.map_stats(contrib / contrib.sum(), q, (L["H"], L["W"]), (32, 32))
+            st = map_stats(contrib / contrib.sum(), q, (L["H"], L["W"]), (32, 32))
             assert cstats[q] == pytest.approx([st["top_mass"], st["entropy"], st["dist"]], rel=1e-4)
             assert not np.allclose(cstats[q], stats[q])  # the weights' numbers are another thing
 
@@ -168,7 +170,7 @@ def test_the_interventions_are_attention_intervene_per_seed(explorer, page):
                 iv = ivs[name][mode]
                 assert iv["delta"] == pytest.approx(float(deltas[name][mode][0]), rel=1e-4, abs=1e-7)
                 with torch.no_grad(), at.intervene(layer, mode):
-                    want = np.round(at.to_image(explorer.G(z)[0]) * 255)
+                    want = np.round(to_image(explorer.G(z)[0]) * 255)
                 image = decode_png(iv["image"])
                 assert np.abs(image - want).max() <= 1
                 assert at.gamma(layer) != 0 and np.abs(image - original).mean() > 1  # it changes the image
@@ -373,7 +375,7 @@ def test_contribution_mode_shows_the_contributions_own_numbers(explorer, browser
     for name in ("G8", "G16"):
         _, _, contrib, _ = explorer.contribution(SEEDS[0], name, pixel=QUERY_PIXEL)
         cell = at.pixel_to_cell(*QUERY_PIXEL, at.map_hw(name), (32, 32))
-        st = at.map_stats(contrib / contrib.sum(), at.cell_to_index(*cell, at.map_hw(name)[1]),
+        st = map_stats(contrib / contrib.sum(), at.cell_to_index(*cell, at.map_hw(name)[1]),
                           at.map_hw(name), (32, 32))
         assert s[name]["stats"] != weights[name]
         assert s[name]["stats"].startswith("of the contribution")
@@ -431,8 +433,8 @@ def test_the_film_says_what_it_shows_and_gives_the_command_for_the_selected_quer
     """The film is precomputed for one seed, layer and query: the page names them, and for another
     selection shows the command that makes its film; that command runs."""
     import shlex
-    film = av.Film(str(checkpoint), seed=0, pixel=(20, 9))
-    ex = av.Explorer.from_checkpoint(str(checkpoint), with_d=True, verbose=False)
+    film = Film(str(checkpoint), seed=0, pixel=(20, 9))
+    ex = Explorer.from_checkpoint(str(checkpoint), with_d=True, verbose=False)
     path = tmp_path / "page.html"
     ap.write_page(ex, str(path), [0, 1], film=ap.film_data(film))
     p, urls = other_page
@@ -454,25 +456,10 @@ def test_the_film_says_what_it_shows_and_gives_the_command_for_the_selected_quer
     assert out.is_file() and out.with_suffix(".gif").is_file()
 
 
-def test_in_the_notebooks_iframe_the_page_grows_the_frame_to_fit(explorer, tmp_path, other_page):
-    """notebook_page's iframe (srcdoc, same origin) takes the page's height once drawn: no inner
-    scroll bar, nothing cut at the bottom."""
-    host = tmp_path / "notebook_output.html"
-    host.write_text("<!DOCTYPE html><html><body>" + ap.notebook_page(explorer, SEEDS, height=300).data +
-                    "</body></html>", encoding="utf-8")
-    p, _ = other_page
-    p.goto(host.as_uri())
-    frame = p.frame_locator("iframe")
-    frame.locator("body[data-ready='1']").wait_for(timeout=30000)
-    inner = frame.locator("html").evaluate("e => e.scrollHeight")
-    outer = p.locator("iframe").evaluate("e => e.getBoundingClientRect().height")
-    assert inner > 300 and outer == pytest.approx(inner, abs=1)
-
-
 def test_text_that_looks_like_markup_stays_text(tmp_path, other_page):
     """A name holding '</script>' or '<!--' can neither end nor hide the page's data or script."""
     name = "G </script> <!-- <script> x"
-    ex = av.Explorer(tiny_g(), generator=name)
+    ex = Explorer(tiny_g(), generator=name)
     path = tmp_path / "page.html"
     ap.write_page(ex, str(path), [0])
     assert page_json(path)["generator"] == name

@@ -1,5 +1,6 @@
-"""attention_viz: geometry, extraction and statistics against the model's own full maps, and planted
-attention peaks that every figure must mark at the right pixel (non-square maps included)."""
+"""attention.py, attention_stats.py, attention_figures.py: geometry, extraction and statistics against
+the model's own full maps, and planted attention peaks that every figure must mark at the right pixel
+(non-square maps included)."""
 import json
 import math
 
@@ -11,7 +12,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import attention as at  # noqa: E402
-import attention_viz as av  # noqa: E402
+import attention_figures as af  # noqa: E402
+import attention_stats as st  # noqa: E402
+from explorer import Explorer  # noqa: E402
 from sagan_models import Discriminator, Generator, Self_Attn  # noqa: E402
 
 
@@ -104,7 +107,7 @@ def test_queries_out_of_range_are_clear_errors():
 def test_one_face_layout_for_the_explorer_the_dashboard_and_the_ablation():
     faces = at.face_pixels(32)
     assert list(faces) == ["left eye", "right eye", "centre", "mouth"]  # the dashboard's panel columns
-    assert av.Explorer(tiny_g()).default_pixel() == faces["left eye"] == (12, 15)
+    assert Explorer(tiny_g()).default_pixel() == faces["left eye"] == (12, 15)
     # pixel_queries puts each pixel in its cell of every layer: the queries of the panel and the ablation
     q = at.pixel_queries(tiny_g(), [faces["left eye"], faces["right eye"]])
     assert {name: idx.tolist() for name, idx in q.items()} == {"G8": [3 * 8 + 3, 3 * 8 + 4],
@@ -167,7 +170,7 @@ def expect_marks(ax, m, img_hw, k):
 def test_query_figure_marks_a_planted_peak_at_the_right_pixel_in_every_panel(upsample):
     m = planted_map(*MAP_HW, PEAK, SECOND)
     feature = np.arange(32, dtype=np.float32).reshape(MAP_HW)
-    fig, axes = av.plot_query(IMG, m, QUERY, feature=feature, k=5, upsample=upsample)
+    fig, axes = af.plot_query(IMG, m, QUERY, feature=feature, k=5, upsample=upsample)
     assert set(axes) == {"feature", "image", "heat_grid", "heat_image"}
     expect_marks(axes["feature"], m, None, 5)
     expect_marks(axes["image"], m, (32, 32), 5)
@@ -190,7 +193,7 @@ def test_query_figure_marks_a_planted_peak_at_the_right_pixel_in_every_panel(ups
 
 def test_layers_queries_grid_and_saliency_figures_mark_planted_peaks():
     m = planted_map(*MAP_HW, PEAK, SECOND)
-    fig, axes = av.plot_layers(IMG, [dict(name="G16", map=m, cell=QUERY, stats=None),
+    fig, axes = af.plot_layers(IMG, [dict(name="G16", map=m, cell=QUERY, stats=None),
                                      dict(name="G8", map=m.T.copy(), cell=QUERY[::-1], stats=None)],
                                pixel=(5, 20), k=4)
     expect_marks(axes["G16"], m, (32, 32), 4)
@@ -201,7 +204,7 @@ def test_layers_queries_grid_and_saliency_figures_mark_planted_peaks():
     matplotlib.pyplot.close(fig)
 
     other = planted_map(*MAP_HW, (0, 0))
-    fig, axes = av.plot_queries(IMG, [dict(map=m, cell=QUERY), dict(map=other, cell=(3, 7))], k=3)
+    fig, axes = af.plot_queries(IMG, [dict(map=m, cell=QUERY), dict(map=other, cell=(3, 7))], k=3)
     assert query_xy(axes["image"], "red") == pytest.approx(at.cell_to_pixel(*QUERY, MAP_HW, (32, 32)))
     assert query_xy(axes["image"], "lime") == pytest.approx(at.cell_to_pixel(3, 7, MAP_HW, (32, 32)))
     expect_marks(axes["q0"], m, (32, 32), 3)
@@ -209,7 +212,7 @@ def test_layers_queries_grid_and_saliency_figures_mark_planted_peaks():
     assert tuple(topk_dots(axes["q1"])[0][0]) == pytest.approx(at.cell_to_pixel(0, 0, MAP_HW, (32, 32)))
     matplotlib.pyplot.close(fig)
 
-    fig, axes = av.plot_grid([IMG] * 3, [m] * 3, QUERY, k=2, ncols=2)
+    fig, axes = af.plot_grid([IMG] * 3, [m] * 3, QUERY, k=2, ncols=2)
     assert len(axes) == 3
     for ax in axes:
         expect_marks(ax, m, (32, 32), 2)
@@ -217,7 +220,7 @@ def test_layers_queries_grid_and_saliency_figures_mark_planted_peaks():
 
     sal = np.zeros(MAP_HW, np.float32)
     sal[PEAK] = 32
-    fig, axes = av.plot_saliency(IMG, {"G16": sal})
+    fig, axes = af.plot_saliency(IMG, {"G16": sal})
     s = heat(axes["G16"])
     assert tuple(s.get_extent()) == (0, 32, 32, 0)
     assert block_centre(s.get_array(), s.get_extent()) == pytest.approx(
@@ -274,40 +277,167 @@ def test_statistics_on_known_rows():
     uniform = torch.full((1, 1, N), 1 / N)
     onehot = torch.zeros(1, 1, N)
     onehot[0, 0, 15] = 1
-    assert at.topk_mass(uniform, 10).item() == pytest.approx(10 / N)
-    assert at.entropy_norm(uniform).item() == pytest.approx(1)
-    assert at.entropy_norm(onehot).item() == pytest.approx(0, abs=1e-6)
+    assert st.topk_mass(uniform, 10).item() == pytest.approx(10 / N)
+    assert st.entropy_norm(uniform).item() == pytest.approx(1)
+    assert st.entropy_norm(onehot).item() == pytest.approx(0, abs=1e-6)
     # 4x4 map on a 32px image: query cell (0, 0) at (4, 4), key cell (3, 3) at (28, 28)
-    d = at.mean_distance(onehot, [0], (4, 4), (32, 32))
+    d = st.mean_distance(onehot, [0], (4, 4), (32, 32))
     assert d.item() == pytest.approx(math.hypot(24, 24))
-    assert at.uniform_distance([0], (4, 4), (32, 32)).item() == pytest.approx(
-        at.mean_distance(uniform, [0], (4, 4), (32, 32)).item())
+    assert st.uniform_distance([0], (4, 4), (32, 32)).item() == pytest.approx(
+        st.mean_distance(uniform, [0], (4, 4), (32, 32)).item())
     # query independence: identical maps 1, disjoint maps 0, half-overlapping in between
     same = torch.stack([onehot[0, 0]] * 3)[None]
     eye = torch.eye(N)[None, :4]
-    assert at.query_independence(same).item() == pytest.approx(1)
-    assert at.query_independence(eye).item() == pytest.approx(0, abs=1e-6)
+    assert st.query_independence(same).item() == pytest.approx(1)
+    assert st.query_independence(eye).item() == pytest.approx(0, abs=1e-6)
     half = torch.tensor([[[0.5, 0.5, 0, 0], [0, 0.5, 0.5, 0]]])
-    assert at.query_independence(half).item() == pytest.approx(0.5)
+    assert st.query_independence(half).item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="at least 2"):
-        at.query_independence(onehot)
+        st.query_independence(onehot)
 
 
 def test_layer_table_sees_inert_and_active_attention():
-    inert = at.layer_statistics(tiny_g(gamma=0.0), [0, 1], n_queries=8)
+    inert = st.layer_statistics(tiny_g(gamma=0.0), [0, 1], n_queries=8)
     assert [r["name"] for r in inert] == ["G8", "G16"]
     assert all(r["verdict"] == "inert" and r["share"] == 0 for r in inert)
-    active = at.layer_statistics(tiny_g(gamma=0.5), [0, 1], n_queries=8)
+    active = st.layer_statistics(tiny_g(gamma=0.5), [0, 1], n_queries=8)
     for r in active:
         assert r["share"] > 0.01 and r["verdict"] != "inert"
         assert r["top_mass"] > r["uniform"] and r["entropy"] < 0.97
         assert 0 <= r["qi"] <= 1 and r["dist"] > 0
-    text = at.format_table(active, 2, 8)
+    text = st.format_table(active, 2, 8)
     assert text.count("\n| G") == 2 and "top-10 mass (uniform)" in text
 
 
+# the verdict on hand-built rows whose answer is known: an 8x8 map over a 32px image (the quick
+# preset's G8), every query cell, 6 images that differ by a little noise
+
+G8_HW, G8_IMG = (8, 8), (32, 32)
+ALL_Q = torch.arange(64)
+
+
+def dist_px():
+    keys = at.key_pixels(G8_HW, G8_IMG)
+    return torch.cdist(keys, keys)                                  # (N, N) query -> key, pixels
+
+
+def verdict_of(make_row, images=6, seed=0):
+    """The table's verdict and row (summarise) for rows made by make_row(query, rng) -> (N,)
+    weights, an active layer (share 0.1)."""
+    rng = np.random.default_rng(seed)
+    rows = torch.tensor(np.stack([[make_row(q, rng) for q in range(64)] for _ in range(images)]),
+                        dtype=torch.float32)
+    rows = rows / rows.sum(-1, keepdim=True)                        # (B, Q, N)
+    measures = st.row_measures(rows, ALL_Q, G8_HW, G8_IMG)
+    r = st.summarise("G8", G8_HW, torch.full((images,), 0.1), measures, measures,
+                     st.uniform_distance(ALL_Q, G8_HW, G8_IMG))
+    return st.verdict(r), r
+
+
+def noise(rng):
+    return rng.uniform(0, 0.002, 64)
+
+
+def test_a_planted_far_peak_reads_long_range():
+    far = dist_px().argmax(1)                                       # each query's farthest key
+    v, r = verdict_of(lambda q, rng: np.eye(64)[far[q]] * 0.8 + 0.2 / 64 + noise(rng))
+    assert v == "long-range" and r["dist_excess_ci"][0] > 0
+
+
+def test_a_slightly_far_peak_is_measured_but_not_called_long_range():
+    """Peaks at random keys plus a little weight on the farthest: measurably farther than uniform,
+    but by less than a fifth, as the showcase model's G16 (35.8 against 34.0 px)."""
+    far = dist_px().argmax(1)
+    v, r = verdict_of(lambda q, rng: np.eye(64)[rng.integers(64)] * 0.5 + np.eye(64)[far[q]] * 0.15
+                      + 0.35 / 64 + noise(rng))
+    assert r["dist_excess_ci"][0] > 0 and r["dist"] < st.LONG_DIST * r["dist_uniform"]
+    assert v == "slightly long-range"
+
+
+def test_uniform_rows_read_near_uniform_and_show_no_distance_preference():
+    v, r = verdict_of(lambda q, rng: np.full(64, 1 / 64) + noise(rng))
+    assert v == "near-uniform"
+    lo, hi = r["dist_excess_ci"]
+    assert lo < 0 < hi and abs(r["dist_excess"]) < 0.1              # no distance preference either
+
+
+def test_a_planted_local_peak_reads_local():
+    v, r = verdict_of(lambda q, rng: np.eye(64)[q] * 0.8 + 0.2 / 64 + noise(rng))
+    assert v == "local" and r["dist_excess_ci"][1] < 0 and r["dist"] < st.LOCAL_DIST * r["dist_uniform"]
+
+
+def test_one_row_for_every_query_reads_shared():
+    shared = np.eye(64)[27] * 0.8 + 0.2 / 64
+    v, r = verdict_of(lambda q, rng: shared + noise(rng))
+    assert v == "one map for all queries" and r["qi"] > 0.99
+
+
+def test_peaks_at_random_keys_read_no_distance_preference():
+    v, r = verdict_of(lambda q, rng: np.eye(64)[rng.integers(64)] * 0.8 + 0.2 / 64 + noise(rng))
+    assert r["entropy"] < st.NEAR_UNIFORM_H and r["qi"] < st.SHARED_MAP_QI
+    assert v == "no distance preference", r["dist_excess_ci"]
+
+
+def test_the_quick_presets_g8_distance_below_uniforms_is_not_long_range():
+    """The issue's case: 15.6 px against uniform's 16.5, which the old verdict called long-range
+    because it was not under 60% of uniform's; peaks at random keys with a little weight at home."""
+    def row(q, rng):
+        return np.eye(64)[rng.integers(64)] * 0.65 + np.eye(64)[q] * 0.05 + 0.3 / 64 + noise(rng)
+    v, r = verdict_of(row)
+    assert r["dist"] / r["dist_uniform"] == pytest.approx(15.6 / 16.5, abs=0.03)
+    assert r["dist"] > st.LOCAL_DIST * r["dist_uniform"]            # the old rule's "long-range"
+    assert v in ("slightly local", "no distance preference") and r["dist_excess_ci"][0] < 0
+
+
+def test_mean_interval_covers_the_spread_of_images_and_queries():
+    assert st.mean_interval(torch.full((4, 5), 3.0)) == pytest.approx((3.0, 3.0))
+    rng = np.random.default_rng(0)
+    per_image = torch.tensor(rng.normal(0, 1, (20, 1))) + torch.zeros(20, 30)  # images differ, queries not
+    lo, hi = st.mean_interval(per_image)
+    sem = float(per_image[:, 0].std()) / math.sqrt(20)
+    assert lo < float(per_image.mean()) < hi and hi - lo == pytest.approx(2 * 1.96 * sem, rel=0.25)
+
+
+def test_contribution_statistics_follow_a_planted_value_that_the_weights_ignore():
+    """query_statistics' two weightings: a key made to add a large value (a direction q and k ignore,
+    so no weight changes) pulls the contribution numbers to it and leaves the weight numbers."""
+    layer = self_attn(gamma=0.6)
+    x = torch.randn(1, 16, 8, 8)
+    qk = torch.cat([layer.query_conv.weight, layer.key_conv.weight])[:, :, 0, 0]
+    blind = torch.linalg.svd(qk).Vh[-1]
+    planted = x.clone()
+    planted[0, :, 7, 7] += 1e5 * blind                              # key 63, the bottom-right corner
+    queries = torch.tensor([0, 9, 18])                              # near the top-left corner
+    before = st.query_statistics(layer, x, queries, G8_IMG)
+    after = st.query_statistics(layer, planted, queries, G8_IMG)
+    for key in ("top_mass", "entropy", "dist"):
+        assert torch.allclose(after["weights"][key], before["weights"][key], atol=2e-3), key
+    far = dist_px()[queries, 63].float()                            # (Q,) pixels to the planted key
+    assert torch.allclose(after["contribution"]["dist"][0], far, rtol=0.02)
+    assert (after["contribution"]["top_mass"] > 0.99).all() and (after["contribution"]["entropy"] < 0.05).all()
+    assert torch.equal(after["dist_uniform"], st.uniform_distance(queries, G8_HW, G8_IMG))
+
+
+def test_the_table_and_json_carry_the_interval_and_the_contribution_numbers():
+    table = st.layer_statistics(tiny_g(gamma=0.5), [0, 1, 2], n_queries=8)
+    for r in table:
+        lo, hi = r["dist_excess_ci"]
+        assert lo <= r["dist_excess"] <= hi
+        assert r["dist_excess"] == pytest.approx(r["dist"] - r["dist_uniform"], abs=1e-4)
+        assert 0 < r["contribution_top_mass"] <= 1 and 0 <= r["contribution_entropy"] <= 1
+        assert r["verdict"] in st.VERDICTS
+    text = st.format_table(table, 3, 8)
+    assert "| dist − uniform [95%] |" in text and "| contrib. top-10 |" in text
+    rows = [json.loads(line) for line in st.format_json(table, 3, 8).splitlines()]
+    assert rows[0]["dist_excess_ci"] == list(table[0]["dist_excess_ci"])
+    assert rows[0]["contribution_dist"] == table[0]["contribution_dist"]
+    inert = st.layer_statistics(tiny_g(gamma=0.0), [0], n_queries=4)  # nothing added: no shares
+    assert math.isnan(inert[0]["contribution_dist"]) and "| — |" in st.format_table(inert)
+    assert json.loads(st.format_json(inert).splitlines()[0])["contribution_dist"] is None
+
+
 def test_explorer_takes_queries_as_pixels_or_cells_and_agrees():
-    ex = av.Explorer(tiny_g())
+    ex = Explorer(tiny_g())
     cell_a, map_a, stats = ex.query(0, "G16", pixel=(13, 6))
     cell_b, map_b, _ = ex.query(0, "G16", cell=(3, 6))
     assert cell_a == cell_b == (3, 6) and np.array_equal(map_a, map_b)
@@ -317,7 +447,7 @@ def test_explorer_takes_queries_as_pixels_or_cells_and_agrees():
     with pytest.raises(ValueError, match="channel 99"):
         ex.query_figure(0, "G16", pixel=(1, 1), channel=99)
     torch.manual_seed(0)
-    with_d = av.Explorer(tiny_g(), Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval())
+    with_d = Explorer(tiny_g(), Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval())
     assert list(with_d.layers) == ["G8", "G16", "D8", "D4"] and with_d.pick_layer() == "G16"
 
 
@@ -409,22 +539,22 @@ def test_deltas_are_zero_exactly_where_gamma_is_zero():
     torch.manual_seed(0)
     D = Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval()
     D.attn["8"].gamma.data.fill_(0.5)                              # D4 stays at its initial 0
-    table = {r["name"]: r for r in at.layer_statistics(G, [0, 1], n_queries=4, D=D)}
+    table = {r["name"]: r for r in st.layer_statistics(G, [0, 1], n_queries=4, D=D)}
     for name in ("G8", "D4"):  # zero up to float rounding (see the test above)
-        assert all(table[name][key] < 1e-6 for key in at.DELTA_KEYS.values()), name
+        assert all(table[name][key] < 1e-6 for key in st.DELTA_KEYS.values()), name
     for name in ("G16", "D8"):
-        assert all(table[name][key] > 0 for key in at.DELTA_KEYS.values()), name
+        assert all(table[name][key] > 0 for key in st.DELTA_KEYS.values()), name
     assert [table[n]["delta_of"] for n in table] == ["image", "image", "D score", "D score"]
-    text = at.format_table(list(table.values()), 2, 4)
+    text = st.format_table(list(table.values()), 2, 4)
     assert "| Δ remove | Δ uniform | Δ mean row |" in text and "| 0.0000 | 0.0000 | 0.0000 |" in text
-    lines = at.format_json(list(table.values()), 2, 4).splitlines()
+    lines = st.format_json(list(table.values()), 2, 4).splitlines()
     rows = [json.loads(line) for line in lines]
     assert [r["layer"] for r in rows] == ["G8", "G16", "D8", "D4"]
     assert rows[1]["ablation_delta"] == table["G16"]["ablation_delta"] and rows[1]["gamma"] == 0.5
 
 
 def test_one_querys_uniform_row_changes_only_the_pixels_its_cell_feeds():
-    ex = av.Explorer(tiny_g())
+    ex = Explorer(tiny_g())
     cell, image, changed = ex.intervention(0, "G16", cell=(5, 9))
     assert cell == (5, 9) and np.array_equal(image, ex.image(0))
     # after G16 only the last transposed conv (kernel 4, stride 2): cell (i, j) feeds pixels
@@ -432,14 +562,14 @@ def test_one_querys_uniform_row_changes_only_the_pixels_its_cell_feeds():
     ys, xs = np.nonzero(np.abs(changed - image).max(-1))
     assert len(ys) and set(ys) <= set(range(9, 13)) and set(xs) <= set(range(17, 21))
     with pytest.raises(ValueError, match="D's score"):
-        av.Explorer(tiny_g(), Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval()).intervention(0, "D8", cell=(0, 0))
+        Explorer(tiny_g(), Discriminator(32, conv_dim=8, attn_res=[8, 4]).eval()).intervention(0, "D8", cell=(0, 0))
 
 
 def test_intervention_figure_marks_the_query_and_shows_the_change_where_it_is():
     changed = IMG.copy()
     i, j = PEAK
     changed[i * 8:(i + 1) * 8, j * 4:(j + 1) * 4] += 0.25       # the block of cell PEAK of a 4x8 map
-    fig, axes = av.plot_intervention(IMG, changed, QUERY, MAP_HW)
+    fig, axes = af.plot_intervention(IMG, changed, QUERY, MAP_HW)
     for ax in axes.values():
         assert tuple(ax.get_images()[0].get_extent()) == (0, 32, 32, 0)
         assert query_xy(ax) == pytest.approx(at.cell_to_pixel(*QUERY, MAP_HW, (32, 32)))
@@ -480,13 +610,13 @@ def test_contribution_is_gamma_times_weight_times_value_norm_and_sees_a_planted_
 def test_contribution_figure_marks_each_maps_own_peak():
     weights = planted_map(*MAP_HW, PEAK, SECOND)
     contrib = planted_map(*MAP_HW, SECOND, PEAK)                    # the value norms swap the order
-    fig, axes = av.plot_contribution(IMG, weights, contrib, QUERY, k=3)
+    fig, axes = af.plot_contribution(IMG, weights, contrib, QUERY, k=3)
     expect_marks(axes["weights"], weights, (32, 32), 3)
     assert query_xy(axes["contribution"]) == pytest.approx(at.cell_to_pixel(*QUERY, MAP_HW, (32, 32)))
     offsets, _ = topk_dots(axes["contribution"])
     assert tuple(offsets[0]) == pytest.approx(at.cell_to_pixel(*SECOND, MAP_HW, (32, 32)))
     matplotlib.pyplot.close(fig)
-    ex = av.Explorer(tiny_g())
+    ex = Explorer(tiny_g())
     cell, w, c, x_norm = ex.contribution(0, "G16", pixel=(13, 6))
     assert cell == (3, 6) and np.array_equal(w, ex.query(0, "G16", cell=cell)[1])
     assert not np.allclose(c / c.sum(), w)                          # the values reweigh the keys

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-import checkpoint
+import explorer
 import visualize_attn
 from checkpoint import CheckpointError, load_checkpoint, load_generator, load_models
 from cli import run
@@ -343,7 +343,7 @@ def test_a_seed_file_has_no_d_and_cannot_be_resumed(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint of this project .* cannot be resumed or exported"):
         load_checkpoint(str(path))
     with pytest.raises(CheckpointError, match="cannot be resumed or exported"):
-        checkpoint.export_models(str(path), str(tmp_path / "small.pt"))
+        explorer.export_models(str(path), str(tmp_path / "small.pt"))
 
 
 def test_the_trained_architecture_is_unchanged():

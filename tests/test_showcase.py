@@ -4,9 +4,10 @@ import os
 import pytest
 import torch
 
-import checkpoint
+import explorer
 import main
-from checkpoint import CheckpointError, export_models, find_checkpoint, load_models
+from checkpoint import CheckpointError, load_models
+from explorer import export_models, find_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,8 @@ def test_default_checkpoint_order(trained, tmp_path, monkeypatch):
     monkeypatch.delenv("SAGAN_CHECKPOINT", raising=False)
     runs = tmp_path / "models"
     assert find_checkpoint("given.pt", str(runs)) == ("given.pt", "given")
-    if os.path.isfile(checkpoint.SHOWCASE):  # no run: the shipped showcase model
-        assert find_checkpoint(None, str(runs))[0] == checkpoint.SHOWCASE
+    if os.path.isfile(explorer.SHOWCASE):  # no run: the shipped showcase model
+        assert find_checkpoint(None, str(runs))[0] == explorer.SHOWCASE
     for name in ("a", "b"):
         (runs / name).mkdir(parents=True)
         (runs / name / "latest.pt").write_bytes(b"x")
@@ -55,15 +56,15 @@ def test_default_checkpoint_order(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("SAGAN_CHECKPOINT", trained)
     assert find_checkpoint(None, str(runs)) == (trained, "from $SAGAN_CHECKPOINT")
     monkeypatch.delenv("SAGAN_CHECKPOINT")
-    monkeypatch.setattr(checkpoint, "SHOWCASE", str(tmp_path / "absent.pt"))
+    monkeypatch.setattr(explorer, "SHOWCASE", str(tmp_path / "absent.pt"))
     with pytest.raises(CheckpointError, match="no checkpoint given, no run under .* pass --checkpoint"):
         find_checkpoint(None, str(tmp_path / "empty"))
 
 
-@pytest.mark.skipif(not os.path.isfile(checkpoint.SHOWCASE), reason="showcase model not committed yet")
+@pytest.mark.skipif(not os.path.isfile(explorer.SHOWCASE), reason="showcase model not committed yet")
 def test_committed_showcase_model_opens():
-    assert os.path.getsize(checkpoint.SHOWCASE) < 12 * 2**20
-    m = load_models(checkpoint.SHOWCASE, with_d=True, verbose=False)
+    assert os.path.getsize(explorer.SHOWCASE) < 12 * 2**20
+    m = load_models(explorer.SHOWCASE, with_d=True, verbose=False)
     assert m.ema and m.G.image_size == 64 and m.D is not None and m.step > 0
     with torch.no_grad():
         x = m.G(torch.randn(2, m.G.z_dim))

@@ -1,5 +1,7 @@
 """The attention explorer end to end on a checkpoint made by a real (tiny) main.py run: the CLI's
 figures and table, its errors on bad checkpoints, and the notebook executed headless."""
+import base64
+import io
 import json
 import os
 import subprocess
@@ -11,12 +13,14 @@ matplotlib.use("Agg")
 import nbformat  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import attention as at  # noqa: E402
-import attention_viz as av  # noqa: E402
 from checkpoint import CheckpointError, load_models  # noqa: E402
 from conftest import CELEBA_SAMPLE, ROOT, explorer_cli as cli, is_png, one_thread_env  # noqa: E402
+from explorer import Explorer  # noqa: E402
 from sagan_models import Generator  # noqa: E402
+from tools.dashboard_screenshot import CHROMIUM, chromium_page  # noqa: E402
 
 NOTEBOOK = os.path.join(ROOT, "visualize_attn.ipynb")
 CELEBA = str(CELEBA_SAMPLE / "img_align_celeba")
@@ -122,7 +126,7 @@ def test_explorer_shows_the_ema_generator_by_default_and_the_raw_g_on_request(ch
     planted = tmp_path / "planted.pt"
     torch.save(ckpt, planted)
 
-    ema, raw = av.Explorer.from_checkpoint(planted), av.Explorer.from_checkpoint(planted, ema=False)
+    ema, raw = Explorer.from_checkpoint(planted), Explorer.from_checkpoint(planted, ema=False)
     assert (ema.generator, raw.generator) == ("EMA G", "raw G")
     z = at.z_for_seeds([0], 16)
     for ex, weights in ((ema, "G_ema"), (raw, "G")):  # each draws the images of its own weights
@@ -223,5 +227,31 @@ def test_notebook_executes_headless(checkpoint, tmp_path, monkeypatch):
     film = next(c for c in nb.cells if c.cell_type == "code" and "Film(" in c.source).outputs
     explorer = nb.cells[-1].outputs
     for widget in (film, explorer):  # the slider, and headless its still image
-        assert any({"application/vnd.jupyter.widget-view+json", "image/png"} <= set(o.get("data", {}))
-                   for o in widget)
+        still = [o for o in widget
+                 if {"application/vnd.jupyter.widget-view+json", "image/png"} <= set(o.get("data", {}))]
+        assert still
+        # shown at the PNG's own pixel size, not stretched to the output's width
+        with Image.open(io.BytesIO(base64.b64decode(still[0]["data"]["image/png"]))) as png:
+            assert still[0]["metadata"]["image/png"] == dict(width=png.width, height=png.height)
+    iframe_fits_its_page(html)
+
+
+def iframe_fits_its_page(output_html):
+    """The notebook's page output in Chromium, in outputs of two widths (its panels wrap
+    differently): the iframe is as tall as the page it holds, so nothing scrolls inside it."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    pytest.importorskip("playwright", reason="playwright is not installed (requirements.txt)")
+    heights = []
+    with chromium_page(width=1400, height=900) as (page, _):
+        for width in (1100, 600):
+            page.set_content(f'<body style="margin: 0"><div style="width: {width}px">{output_html}</div></body>')
+            frame = page.frames[1]
+            frame.wait_for_selector("body[data-ready='1']", timeout=30000)
+            page.wait_for_timeout(300)  # the ResizeObserver's callback runs after layout
+            inner = frame.evaluate("Math.ceil(document.documentElement.getBoundingClientRect().height)")
+            outer = page.evaluate("document.querySelector('iframe').getBoundingClientRect().height")
+            scroll = frame.evaluate("document.documentElement.scrollHeight - window.innerHeight")
+            assert outer == inner and scroll <= 0, (width, outer, inner, scroll)
+            heights.append(outer)
+    assert heights[1] > heights[0]  # the narrow output wraps the panels into more rows: a taller page

@@ -18,8 +18,8 @@ import shutil
 import subprocess
 import sys
 
-from checkpoint import SHOWCASE, export_models
 from cli import Parser, UserError, run
+from explorer import SHOWCASE, export_models
 from trainer import parse_record
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
