@@ -49,7 +49,7 @@ from checkpoint import ckpt_name, load_generator, saved_steps
 from cli import Parser, UserError, run
 from data_loader import synthetic_face
 from experiments.eye_metrics import (eye_agreement, eye_attention, eye_cells, eye_colours, eye_layout,
-                                     region_masks)
+                                     pair_score, read_irises, region_masks)
 from experiments.uncertainty import difference, public, summarise
 from utils import denorm
 
@@ -80,6 +80,9 @@ def build_parser():
     a("--jobs", type=int, default=2, help="runs trained at once")
     a("--threads", type=int, default=1, help="torch threads per run (and --jobs x this for scoring)")
     a("--score_only", action="store_true", help="don't train; score the checkpoints at --steps")
+    a("--validate_reader", action="store_true",
+      help="print one JSON line: the iris reader's score on built-in faces with the rule, without it, "
+           "without irises, and with noise, blur and a shift (--num_samples faces each), then exit")
     return p
 
 
@@ -156,9 +159,10 @@ def train_runs(args):
 
 # ============================================================================ scoring
 
-def real_faces(n, imsize, seed=777):
+def real_faces(n, imsize, seed=777, eyes="rule"):
     """(n, H, W, 3) floats in [0, 1]: held-out built-in faces (a seed the runs never saw)."""
-    return np.stack([synthetic_face(np.random.default_rng([seed, i]), imsize)[0] for i in range(n)]) / 255.0
+    return np.stack([synthetic_face(np.random.default_rng([seed, i]), imsize, eyes=eyes)[0]
+                     for i in range(n)]) / 255.0
 
 
 @torch.no_grad()
@@ -238,6 +242,53 @@ def aggregate(args, scored, real):
         res["arms"][arm] = a
     res["attn_minus_noattn"] = difference(excess["attn"], excess["noattn"])
     return res
+
+
+# ============================================================================ the reader's validation
+
+def blur(images):
+    """(B, H, W, 3) -> the same blurred by the 5-tap binomial kernel (a Gaussian of sd 1 pixel)
+    down and across, edges repeated."""
+    k = np.array([1, 4, 6, 4, 1]) / 16
+    for axis in (1, 2):
+        pad = [(0, 0)] * 4
+        pad[axis] = (2, 2)
+        x = np.pad(images, pad, mode="edge")
+        n = images.shape[axis]
+        images = sum(w * np.take(x, range(i, i + n), axis=axis) for i, w in enumerate(k))
+    return images
+
+
+def shift(images, px):
+    """(B, H, W, 3) moved `px` pixels right and `px` down, the uncovered edge repeated."""
+    x = np.pad(images, [(0, 0), (px, 0), (px, 0), (0, 0)], mode="edge")
+    return x[:, :images.shape[1], :images.shape[2]]
+
+
+VALIDATION_SEED = 777  # held-out faces (the training runs use SyntheticFaces' seeds 0, 1, ...)
+
+
+def validate_reader(n, imsize, tol=0.1):
+    """The reader on built-in faces whose answer is known: {case: dict(points, ci, threshold)}, its
+    primary score in points above chance with a 95% bootstrap interval over faces, and the
+    secondary threshold view (eyes within `tol` minus random pairs within `tol`, in points).
+    Faces with the rule must score high, also with pixel noise, a blur and a shift; faces without
+    the rule or without irises must score at chance: else the reader is not reading the rule."""
+    layout = eye_layout(imsize)
+    faces = lambda eyes: real_faces(n, imsize, seed=VALIDATION_SEED, eyes=eyes)  # noqa: E731
+    rule = faces("rule")
+    noise = np.random.default_rng(0).normal(0, 0.05, rule.shape)
+    cases = {"rule": rule, "no_rule": faces("independent"), "no_iris": faces("none"),
+             "rule_noise_0.05": np.clip(rule + noise, 0, 1), "rule_blur_sd1": blur(rule),
+             "rule_shift_4px": shift(rule, 4)}
+    out = {}
+    for k, (case, images) in enumerate(cases.items()):
+        colours = read_irises(images, layout)["colours"]
+        s = pair_score(colours, seed=k)
+        t = eye_agreement(colours, tol)
+        out[case] = dict(points=round(s["points"], 2), ci=[round(v, 2) for v in s["ci"]],
+                         threshold=round(100 * t["excess"].mean(), 2))
+    return out
 
 
 def score_real(args, layout):
@@ -511,6 +562,10 @@ def main(argv=None):
     start = time.perf_counter()
     matplotlib.use("Agg")  # headless: the figures go to files (attention_viz imports pyplot on first use)
     args = check_args(build_parser().parse_args(argv))
+    if args.validate_reader:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(validate_reader(args.num_samples, args.imsize, args.tol)))
+        return
     if not args.score_only:
         train_runs(args)
     trained = time.perf_counter()
