@@ -54,7 +54,11 @@ test (the score with each G attention layer's term removed at inference); and th
 at the mouth, with trained and with randomised query/key weights).
 
 Budget (the defaults: 64px, conv_dim 16, batch 32, 10,000 steps, 5 arms x 3 seeds, 2 jobs of 1
-thread): see the README's docs for the measured speed; the pilot's rates are printed per run log.
+thread). A 40-step pilot of every arm under load (load average 10 on 2 cores) ran gd 0.57, gd_norule
+0.56, none 1.22, patch_attn 0.39 and patch_none 1.36 it/s; scaled by the idle/load ratio of the runs
+measured on the idle machine before (gd 2.7, none 4.8 it/s), that is about 7.2 h of training on the
+idle 2-core CPU, plus an estimated 30-60 min of scoring. Run the positive control first
+(--arms patch_attn,patch_none, about 3.2 h): without it a null cannot be read.
 """
 import json
 import math
