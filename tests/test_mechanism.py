@@ -70,3 +70,25 @@ def test_mechanism_runs_on_a_generator_and_its_regions_do_not_overlap():
     for part in ("trained", "random_qk"):
         assert np.isfinite(r["G32"][part]["other"]["change"]["mean"])
         assert r["G32"][part]["other_by_weight"]["mean"] > 0
+
+
+def test_eye_query_numbers_are_uniform_shares_for_uniform_attention():
+    from attention import key_pixels, map_hw
+    from experiments.eye_query import eye_query_numbers, regions
+    torch.manual_seed(0)
+    G = Generator(64, z_dim=16, conv_dim=4, attn_res=[16, 32], spectral_norm=False).eval()
+    with torch.no_grad():
+        for layer in attention_layers(G).values():
+            for conv in (layer.query_conv, layer.key_conv):  # q = k = 0: every row uniform
+                conv.weight.zero_()
+                conv.bias.zero_()
+    r = eye_query_numbers(G, n=4)
+    for name in ("G16", "G32"):
+        s, o = r[name]["seed0"], r[name]["over_images"]
+        assert s["entropy"] == pytest.approx(1.0, abs=1e-5) and s["dist"] == pytest.approx(s["dist_uniform"], abs=1e-3)
+        for k in ("side", "top", "other_eye"):
+            assert s[f"mass_{k}"] == pytest.approx(s[f"uniform_{k}"], abs=1e-5)
+        assert o["dist"] == pytest.approx(o["dist_uniform"], abs=1e-3)
+    m = regions("G32", 64, 500)
+    assert int(m["side"].sum()) == 4 * 32 and int(m["top"].sum()) == 2 * 32 and int(m["other_eye"].sum()) == 9
+    assert key_pixels(map_hw("G32"), (64, 64))[m["side"]][:, 0].min() == 1.0
