@@ -253,7 +253,8 @@ def crop_for(config, folder):
 
 def make_dataset(config):
     if config.dataset == "synthetic":
-        return SyntheticFaces(config.synthetic_size, config.imsize, config.seed, getattr(config, "synthetic_eyes", "rule"))
+        eyes = getattr(config, "synthetic_eyes", "rule")  # configs saved before the flag existed
+        return SyntheticFaces(config.synthetic_size, config.imsize, config.seed, eyes)
     parts = [image_folder(path, crop, config) for path, crop in folder_crops(config)]
     return parts[0] if len(parts) == 1 else ImageFolders(parts)
 

@@ -417,7 +417,8 @@ def aggregate(args, scored):
             a["mechanism"] = {layer: {part: {key: seed_interval([
                 p["mechanism"][layer][part][key]["change"]["mean"] if key in ("other", "control")
                 else p["mechanism"][layer][part][key]["mean"] for p in per_seed])
-                for key in ("other", "control", "other_by_weight", "other_by_contribution")}
+                for key in ("other", "control", "other_by_weight", "other_by_contribution", "control_by_weight",
+                            "control_by_contribution")}
                 for part in ("trained", "random_qk")} for layer in per_seed[0]["mechanism"]}
             a["mechanism_runs"] = {str(s): p["mechanism"] for s, p in zip(args.seeds, per_seed)}
         res["arms"][arm] = a
@@ -445,7 +446,8 @@ def tables(res):
     last = ",".join(map(str, next(iter(arms.values()))["endpoint_steps"]))
     out = [f"The iris reader on known faces (--validate_reader, {res['reader']['n']} faces each), points above "
            f"chance [95% bootstrap interval over faces]: " + "; ".join(
-               f"{k} {v['points']:+.1f} [{v['ci'][0]:+.1f}, {v['ci'][1]:+.1f}]" for k, v in res["reader"]["cases"].items()),
+               f"{k} {v['points']:+.1f} [{v['ci'][0]:+.1f}, {v['ci'][1]:+.1f}]"
+               for k, v in res["reader"]["cases"].items()),
            "",
            f"Eye-colour rule score ({args['imsize']}px, conv_dim {args['conv_dim']}, batch {args['batch_size']}, "
            f"{args['steps']} steps, seeds {','.join(map(str, args['seeds']))}; {args['num_samples']} faces per "
@@ -477,18 +479,22 @@ def tables(res):
                 for arm, a in with_g.items() for k, r in a["removed"].items()]
         out += ["", "Mechanism test: the left iris's colour change (RGB distance, 0..1) when its queries read another "
                     "face's value vectors at the other eye or at the mouth (a control with contrast), with the trained "
-                    "and with randomised query/key weights; and the other eye's mass over uniform.", "",
+                    "and with randomised query/key weights; and the eye queries' mass on each region over uniform, "
+                    "by weights and by contributions.", "",
                 "| arm | layer | weights | change: other eye | change: mouth | other eye by weight | "
-                "by contribution |", "|---|---|---|---|---|---|---|"]
+                "by contribution | mouth by weight | by contribution |", "|---|---|---|---|---|---|---|---|---|"]
         for arm, a in with_g.items():
             for layer, m in a["mechanism"].items():
                 for part in ("trained", "random_qk"):
                     p = m[part]
                     out.append(f"| {arm} | {layer} | {part} | {span(p['other'], '{:.4f}')} | "
                                f"{span(p['control'], '{:.4f}')} | {span(p['other_by_weight'], '{:.2f}')} | "
-                               f"{span(p['other_by_contribution'], '{:.2f}')} |")
+                               f"{span(p['other_by_contribution'], '{:.2f}')} | "
+                               f"{span(p['control_by_weight'], '{:.2f}')} | "
+                               f"{span(p['control_by_contribution'], '{:.2f}')} |")
     cols = [(arm, s) for arm in arms for s in map(str, args["seeds"])]
-    out += ["", "Along training: the score (points) of every checkpoint; * = its face-level 95% interval above zero.", "",
+    out += ["", "Along training: the score (points) of every checkpoint; * = its face-level 95% interval above "
+                "zero.", "",
             "| step | " + " | ".join(f"{arm} s{s}" for arm, s in cols) + " |", "|---|" + "---|" * len(cols)]
     for step in sorted({p["step"] for arm, s in cols for p in arms[arm]["series"][s]}):
         cells = []
@@ -503,7 +509,8 @@ def summary(res):
     """Plain sentences, each naming its numbers."""
     args, say = res["config"], []
     for name, c in res["comparisons"].items():
-        ci = "no interval with one seed" if c["ci"] is None else f"95% t interval [{c['ci'][0]:+.1f}, {c['ci'][1]:+.1f}]"
+        ci = ("no interval with one seed" if c["ci"] is None
+              else f"95% t interval [{c['ci'][0]:+.1f}, {c['ci'][1]:+.1f}]")
         say.append(f"{name} ({c['arm']} - {c['baseline']}): {c['mean']:+.1f} points, {ci} over {c['n']} "
                    f"seed{'s' if c['n'] > 1 else ''}: {c['verdict']}.")
     h = res["headline"]

@@ -12,7 +12,7 @@ Where a layer looks says nothing about what it takes from there. So, per attenti
   numbers with the layer's query and key projections redrawn at random. What survives this does not
   come from the learned attention pattern.
 - where the mass goes, by weights and by contributions ||gamma a v|| (attention.contribution_rows):
-  the other eye's region over uniform, for the trained and the randomised layer.
+  the other eye's region and the mouth's over uniform, for the trained and the randomised layer.
 
 Colours are read by the iris reader (eye_metrics.read_irises) on the image before and after; the
 statistics are means over images with 95% bootstrap intervals (uncertainty.summarise).
@@ -93,17 +93,21 @@ def swap_colour_change(G, name, z, donor, layout, keys, queries):
 
 @torch.no_grad()
 def mass_ratios(G, name, z, masks):
-    """Per image: the query region's attention on the other eye's region over uniform, by weights
-    and by contributions (each query's contributions normalised to sum 1), averaged over queries."""
+    """Per image: the query region's attention on the other eye's region and on the mouth's, over
+    uniform, by weights and by contributions (each query's contributions normalised to sum 1),
+    averaged over queries: {other_by_weight, other_by_contribution, control_by_...}: (B,) each."""
     layer = attention_layers(G)[name]
     q = torch.from_numpy(np.flatnonzero(masks["query"]))
     _, feats, rows = run_net(G, z, {name: q})
-    other = torch.from_numpy(masks["other"].flatten()).float()
     contrib = contribution_rows(layer, feats[name], q)                      # (B, Q, N)
     contrib = contrib / contrib.sum(-1, keepdim=True).clamp_min(1e-30)
-    # region_ratio takes rows (B, Q, N) and masks (Q, N): one mask for every query here
-    per_query = lambda r: region_ratio(r, other[None].expand(r.shape[1], -1))  # noqa: E731
-    return per_query(rows[name]).numpy(), per_query(contrib).numpy()
+    out = {}
+    for region in ("other", "control"):
+        m = torch.from_numpy(masks[region].flatten()).float()
+        # region_ratio takes rows (B, Q, N) and masks (Q, N): one mask for every query here
+        for by, r in (("weight", rows[name]), ("contribution", contrib)):
+            out[f"{region}_by_{by}"] = region_ratio(r, m[None].expand(r.shape[1], -1)).numpy()
+    return out
 
 
 def mechanism(G, layout, n=128, seed=0):
@@ -123,9 +127,8 @@ def mechanism(G, layout, n=128, seed=0):
                 change, pull, v_change = swap_colour_change(net, name, z, donor, layout, keys, queries)
                 part[region] = dict(change=public(summarise([change], seed=1)), pull=public(summarise([pull], seed=2)),
                                     value_change=float(v_change.mean()))
-            weights, contrib = mass_ratios(net, name, z, masks)
-            part["other_by_weight"] = public(summarise([weights], seed=3))
-            part["other_by_contribution"] = public(summarise([contrib], seed=4))
+            for k, (key, values) in enumerate(mass_ratios(net, name, z, masks).items()):
+                part[key] = public(summarise([values], seed=3 + k))
             res[label] = part
         out[name] = res
     return out

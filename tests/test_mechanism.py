@@ -69,7 +69,7 @@ def test_mechanism_runs_on_a_generator_and_its_regions_do_not_overlap():
     assert set(r) == {"G16", "G32"}
     for part in ("trained", "random_qk"):
         assert np.isfinite(r["G32"][part]["other"]["change"]["mean"])
-        assert r["G32"][part]["other_by_weight"]["mean"] > 0
+        assert r["G32"][part]["other_by_weight"]["mean"] > 0 and r["G32"][part]["control_by_contribution"]["mean"] > 0
 
 
 def test_eye_query_numbers_are_uniform_shares_for_uniform_attention():
