@@ -44,8 +44,9 @@ blur, a shift). The endpoint of a run is the mean score over its last --last che
 headline is, per comparison, the mean of the seed-matched differences with a t interval over seeds
 (the seeds are the unit: one training run is one observation). decide() turns an interval into
 "helps" / "hurts" (the interval excludes 0), "no difference" (the interval lies inside +-MARGIN points)
-or "cannot tell" (neither); a "no difference" for attention stands only if the positive control
-says "helps" and the rule arm beats its rule-free control, else it becomes "cannot tell".
+or "cannot tell" (neither). headline(): a "helps" for attention stands only if the rule arm beats its
+rule-free control, a "no difference" only if, besides, the positive control says "helps"; else
+"cannot tell", with the reason.
 
 At the last checkpoint of each run with G attention it also measures: where an eye query looks
 (the other eye vs an eye-free control as far away, by weights and by contributions); the causal
@@ -379,25 +380,24 @@ def decide(diffs, margin=MARGIN):
     return "cannot tell", s
 
 
-def headline(comparisons, margin=MARGIN):
-    """The experiment's answer from its comparisons ({name: dict(verdict, ...)}): attention in G and
-    D 'helps' / 'hurts' stand as measured; its 'no difference' stands only where the positive
-    control detected a benefit and the rule arm beat its rule-free control, else 'cannot tell'."""
+def headline(comparisons):
+    """The experiment's answer from its comparisons ({name: dict(verdict, ...)}). Attention in G and
+    D 'hurts' stands as measured. 'helps' stands only where the G+D arm beat its rule-free control
+    (else its higher score may be attention making eyes alike whatever the data, not the rule).
+    'no difference' stands only where, besides, the positive control detected a benefit of attention
+    where only attention can carry the rule. Otherwise: 'cannot tell', and why."""
     main = comparisons.get(COMPARISONS[0][0])
     if main is None:
         return "cannot tell", "the runs of G+D attention and no attention are missing"
     verdict, why = main["verdict"], []
-    if verdict == "no difference":
-        pos, neg = comparisons.get(COMPARISONS[3][0]), comparisons.get(COMPARISONS[4][0])
-        if pos is None or pos["verdict"] != "helps":
-            why.append("the positive control did not show a benefit of attention where only attention can carry "
-                       "the rule" if pos else "no positive control was run")
-        if neg is None or neg["verdict"] != "helps":
-            why.append("the G+D arm did not beat its rule-free control, so it did not measurably learn the rule"
-                       if neg else "no negative control was run")
-        if why:
-            verdict = "cannot tell"
-    return verdict, "; ".join(why)
+    pos, neg = comparisons.get(COMPARISONS[3][0]), comparisons.get(COMPARISONS[4][0])
+    if verdict in ("helps", "no difference") and (neg is None or neg["verdict"] != "helps"):
+        why.append("the G+D arm did not beat its rule-free control, so its score is not shown to be the rule"
+                   if neg else "no negative control was run")
+    if verdict == "no difference" and (pos is None or pos["verdict"] != "helps"):
+        why.append("the positive control did not show a benefit of attention where only attention can carry "
+                   "the rule" if pos else "no positive control was run")
+    return ("cannot tell" if why else verdict), "; ".join(why)
 
 
 def aggregate(args, scored):

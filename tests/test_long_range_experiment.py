@@ -186,7 +186,11 @@ def test_a_null_stands_only_with_a_working_positive_control_and_a_learned_rule()
     verdict, why = headline({main: null, pos: yes, neg: unclear})
     assert verdict == "cannot tell" and "rule-free" in why
     assert headline({main: null})[0] == "cannot tell"
-    assert headline({main: yes, pos: unclear})[0] == "helps"   # a measured benefit stands on its own
+    # a benefit needs no positive control, but it must be the rule: the rule arm beats its rule-free twin
+    assert headline({main: yes, pos: unclear, neg: yes}) == ("helps", "")
+    verdict, why = headline({main: yes, pos: yes, neg: unclear})
+    assert verdict == "cannot tell" and "rule-free" in why
+    assert headline({main: dict(verdict="hurts")})[0] == "hurts"
     assert headline({})[0] == "cannot tell"
 
 
