@@ -272,25 +272,29 @@ def feature_image(features, channel=None):
 
 # ============================================================================ interventions
 
-INTERVENTIONS = ("remove", "uniform", "mean_row")
+INTERVENTIONS = ("remove", "uniform", "mean_row")  # the no-argument ones (the CLI's choices); also "values"
 
 
 @contextmanager
-def intervene(layer, mode, queries=None):
+def intervene(layer, mode, queries=None, values=None, keys=None):
     """Within the block, `layer` (a Self_Attn) runs with its attention term changed:
 
         'remove'    gamma * o -> 0: the layer passes its input on unchanged (out = x)
         'uniform'   every query weighs every key 1/N: its o is the mean of the value vectors
         'mean_row'  every query uses the mean of all N queries' rows: one map for every query
                     (GCNet's test of whether non-local attention depends on the query)
+        'values'    the layer's own weights, but the value vectors at the flattened key indices
+                    `keys` replaced by `values` (B, C, N), e.g. another z's: what those keys carry
 
     `queries` (flattened indices, (Q,)) limits the change to those query positions; the others keep
     the layer's own output. The maps the layer returns are the weights it used ('remove': its own,
     which no longer reach the output). A forward hook, there only inside the block: the training
     path runs no extra code.
     """
-    if mode not in INTERVENTIONS:
-        raise ValueError(f"intervention {mode!r}: use one of {', '.join(INTERVENTIONS)}")
+    if mode not in (*INTERVENTIONS, "values"):
+        raise ValueError(f"intervention {mode!r}: use one of {', '.join(INTERVENTIONS)} or 'values'")
+    if (mode == "values") != (values is not None and keys is not None):
+        raise ValueError("intervention 'values' takes values (B, C, N) and keys; the others take neither")
 
     def hook(module, args, kwargs, output):
         x, (out, attention) = args[0], output
@@ -300,6 +304,15 @@ def intervene(layer, mode, queries=None):
         hit[slice(None) if queries is None else torch.as_tensor(queries, device=x.device).long()] = True
         if mode == "remove":
             changed = x
+        elif mode == "values":
+            q, k, v = module.project(x)                               # (B, C', N), (B, C', N), (B, C, N)
+            swap = torch.as_tensor(keys, device=x.device).long()
+            v = v.index_copy(2, swap, values.to(v)[:, :, swap])
+            rows = hit.nonzero().flatten()                            # only the intervened queries' rows
+            a = torch.bmm(q[:, :, rows].transpose(1, 2), k).softmax(dim=-1)  # (B, Q, N)
+            changed = x.flatten(2).clone()                            # (B, C, N)
+            changed[:, :, rows] += module.gamma * torch.bmm(v, a.transpose(1, 2))
+            changed = changed.reshape(B, C, H, W)
         else:
             if mode == "uniform":
                 weights = x.new_full((B, N), 1 / N)                   # (B, N), one row for all queries

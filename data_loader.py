@@ -160,13 +160,21 @@ def _ellipse(yy, xx, cy, cx, ry, rx):
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
 
 
-def synthetic_face(rng, imsize, supersample=2):
+EYES = ("rule", "independent", "none")
+
+
+def synthetic_face(rng, imsize, supersample=2, eyes="rule"):
     """One face-like image as uint8 (imsize, imsize, 3), and the facts its rules are about.
 
     Geometry is drawn in unit coordinates on a supersampled grid and box-filtered down, so edges are
     anti-aliased at every image size. `meta` has the eye centres in image pixels (x, y) and the
     shared eye colour, which is what a long-range-structure score checks on generated images.
+    `eyes` = 'rule' (both irises one colour: the built-in data), 'independent' (each iris its own
+    colour: no rule) or 'none' (eye whites only): the controls an eye-colour score must fail on,
+    otherwise the same face; meta's iris_rgb holds each eye's iris colour (None without irises).
     """
+    if eyes not in EYES:
+        raise ValueError(f"eyes={eyes!r}: one of {', '.join(EYES)}")
     n = imsize * supersample
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
     yy, xx = (yy + 0.5) / n, (xx + 0.5) / n  # pixel centres in [0, 1]
@@ -184,29 +192,38 @@ def synthetic_face(rng, imsize, supersample=2):
     eye = rng.uniform(0, 1, 3)  # one colour for both eyes: the long-range rule
     ey, dx = cy - rng.uniform(0.04, 0.09), rng.uniform(0.1, 0.13)
     er = rng.uniform(0.045, 0.06)
-    for ex in (cx - dx, cx + dx):  # mirror images about the face's vertical axis
+    mouth_rx, mouth_rgb = rng.uniform(0.07, 0.11), np.array([0.75, 0.2, 0.25]) * rng.uniform(0.6, 1.0)
+    # the controls draw after every rule-face draw, so a face differs from its rule twin in the irises only
+    irises = ([eye, eye] if eyes == "rule" else [eye, rng.uniform(0, 1, 3)] if eyes == "independent"
+              else [None, None])
+    for ex, iris in zip((cx - dx, cx + dx), irises):  # mirror images about the face's vertical axis
         img[_ellipse(yy, xx, ey, ex, er * 0.8, er * 1.5)] = 1.0
-        img[_ellipse(yy, xx, ey, ex, er * 0.75, er * 0.75)] = eye
-    mouth = _ellipse(yy, xx, cy + 0.17, cx, 0.03, rng.uniform(0.07, 0.11))
-    img[mouth] = np.array([0.75, 0.2, 0.25]) * rng.uniform(0.6, 1.0)
+        if iris is not None:
+            img[_ellipse(yy, xx, ey, ex, er * 0.75, er * 0.75)] = iris
+    mouth = _ellipse(yy, xx, cy + 0.17, cx, 0.03, mouth_rx)
+    img[mouth] = mouth_rgb
 
     img = img.reshape(imsize, supersample, imsize, supersample, 3).mean(axis=(1, 3))
     meta = dict(eyes_xy=[((cx - dx) * imsize, ey * imsize), ((cx + dx) * imsize, ey * imsize)],
-                eye_rgb=eye.tolist(), hair_rgb=hair.tolist())
+                eye_rgb=eye.tolist(), hair_rgb=hair.tolist(),
+                iris_rgb=[None if c is None else c.tolist() for c in irises])
     return (img * 255).round().clip(0, 255).astype(np.uint8), meta
 
 
 class SyntheticFaces(Dataset):
-    """`size` built-in faces at `imsize`; face i depends only on (seed, i), at any image size."""
+    """`size` built-in faces at `imsize`; face i depends only on (seed, i), at any image size.
+    `eyes` as synthetic_face's: 'rule' is the built-in data, the others its controls."""
 
-    def __init__(self, size, imsize, seed=0):
-        self.size, self.imsize, self.seed = size, imsize, seed
+    def __init__(self, size, imsize, seed=0, eyes="rule"):
+        if eyes not in EYES:
+            raise ValueError(f"eyes={eyes!r}: one of {', '.join(EYES)}")
+        self.size, self.imsize, self.seed, self.eyes = size, imsize, seed, eyes
 
     def __len__(self):
         return self.size
 
     def face(self, i):
-        return synthetic_face(np.random.default_rng([self.seed, i]), self.imsize)
+        return synthetic_face(np.random.default_rng([self.seed, i]), self.imsize, eyes=self.eyes)
 
     def __getitem__(self, i):
         return to_tensor(self.face(i)[0])
@@ -245,7 +262,8 @@ def crop_for(config, folder):
 
 def make_dataset(config):
     if config.dataset == "synthetic":
-        return SyntheticFaces(config.synthetic_size, config.imsize, config.seed)
+        eyes = getattr(config, "synthetic_eyes", "rule")  # configs saved before the flag existed
+        return SyntheticFaces(config.synthetic_size, config.imsize, config.seed, eyes)
     parts = [image_folder(path, crop, config) for path, crop in folder_crops(config)]
     return parts[0] if len(parts) == 1 else ImageFolders(parts)
 

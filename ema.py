@@ -50,6 +50,37 @@ class EMA:
         torch._foreach_lerp_(self.params, self.src_params, 1.0 - self.decay_at(step))
         torch._foreach_copy_(self.buffers, self.src_buffers)
 
+    @torch.no_grad()
+    def recompute_bn_stats(self, num_batches=8, batch=64, seed=0):
+        """Set the EMA generator's BatchNorm running statistics to its own: the mean and variance
+        its BatchNorm layers see over `num_batches` fixed batches of z (a torch.Generator seeded
+        with `seed`, so the global RNG and thus resume stay untouched), averaged with equal weight.
+
+        The statistics `update` copies are the trained G's, measured on G's weights; the averaged
+        weights produce other activations, so the EMA G in eval mode normalises with statistics
+        that are not its own (Izmailov et al. 2018 recompute them for the same reason in SWA).
+        Spectral norm's power iteration runs only in training mode, so only the BatchNorm layers are
+        switched to it here: its vectors stay as they are. The next `update` copies G's statistics
+        back, so call this where the EMA G is used or saved (sampling, checkpoints)."""
+        G = self.model
+        bns = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            return
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: every batch weighs the same
+            m.train()
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        device = next(G.parameters()).device
+        try:
+            for _ in range(num_batches):
+                G(torch.randn(batch, G.z_dim, generator=gen).to(device))
+        finally:
+            for m, momentum in zip(bns, momenta):
+                m.momentum = momentum
+                m.eval()
+
     def state_dict(self):
         return self.model.state_dict()
 

@@ -16,7 +16,7 @@ from checkpoint import RunLock
 from cli import Parser, UserError, run
 from data_loader import folder_crops, make_dataset
 from distributed import cleanup_distributed, setup_distributed
-from sagan_models import check_attn, check_imsize, default_attn
+from sagan_models import check_attn, check_imsize, check_patch, default_attn
 from stopping import Diverged, Interrupted
 from trainer import Trainer, check_precision
 from utils import pick_device
@@ -104,6 +104,10 @@ def build_parser():
            "every image every time")
     a("--cache_dir", default=".cache/images", help="where --cache auto keeps its files")
     a("--synthetic_size", type=int, default=20_000, help="images in the built-in dataset")
+    a("--synthetic_eyes", default="rule", choices=["rule", "independent", "none"],
+      help="built-in faces' irises: one colour for both (the rule), one each, or none (experiments' controls)")
+    a("--d_patch", type=int, default=0, metavar="RES",
+      help="a patch D: stop at this resolution and average per-patch scores (0: the whole-image D)")
     # outputs
     a("--version", default="sagan_1", help="run name: folder under the save paths, visdom env")
     a("--model_save_path", default="models")
@@ -160,6 +164,7 @@ def check_config(c):
     c.d_attn = sorted(default_attn(c.imsize, "d") if c.d_attn is None else c.d_attn, reverse=True)
     check_attn(c.imsize, c.g_attn, "g")
     check_attn(c.imsize, c.d_attn, "d")
+    check_patch(c.imsize, c.d_patch, c.d_attn)
     if not c.version or os.sep in c.version or c.version in (".", ".."):
         raise ValueError(f"--version {c.version!r} must be a plain folder name")
     check_precision(c.precision, pick_device(c.device))

@@ -52,6 +52,19 @@ def check_attn(imsize, attn_res, net):
                          f"valid resolutions are {','.join(map(str, valid))} (each at most once) or 'none'")
 
 
+def check_patch(imsize, patch_res, attn_res):
+    """A patch discriminator stops at a resolution of its ladder above 4x4 (0: the whole-image D);
+    its attention layers must sit at or above it."""
+    if not patch_res:
+        return
+    if patch_res not in d_resolutions(imsize)[:-1]:
+        raise ValueError(f"--d_patch {patch_res} is not possible at image size {imsize}: use one of "
+                         f"{','.join(map(str, d_resolutions(imsize)[:-1]))} or 0 (the whole-image D)")
+    if any(r < patch_res for r in attn_res):
+        raise ValueError(f"--d_attn {','.join(map(str, attn_res))} lies below --d_patch {patch_res}: "
+                         f"put D's attention at {patch_res} or above")
+
+
 def _channels(conv_dim, imsize, res):
     # the seed's widths: conv_dim at imsize/2, doubling for every halving of the feature map
     return conv_dim * min(imsize // (2 * res), MAX_CHANNEL_MULT)
@@ -217,12 +230,15 @@ class Discriminator(nn.Module):
     and fake images may share one forward pass.
     """
 
-    def __init__(self, image_size=64, conv_dim=64, attn_res=(8, 4)):
+    def __init__(self, image_size=64, conv_dim=64, attn_res=(8, 4), patch_res=0):
         super().__init__()
-        self.image_size, self.conv_dim = image_size, conv_dim
+        self.image_size, self.conv_dim, self.patch_res = image_size, conv_dim, patch_res
         self.attn_res = sorted(attn_res, reverse=True)
         check_attn(image_size, self.attn_res, "d")
-        self.resolutions = d_resolutions(image_size)
+        check_patch(image_size, patch_res, self.attn_res)
+        # patch_res: stop at that resolution and score every position by a 1x1 conv, the image's score
+        # their mean: a patch discriminator whose only view wider than its receptive field is attention
+        self.resolutions = [r for r in d_resolutions(image_size) if r >= (patch_res or 0)]
         ch = [_channels(conv_dim, image_size, r) for r in self.resolutions]
 
         blocks = [nn.Sequential(SN(nn.Conv2d(3, ch[0], 4, 2, 1)), nn.LeakyReLU(0.1))]  # S -> S/2
@@ -231,12 +247,14 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.attn = nn.ModuleDict({str(r): Self_Attn(c) for r, c in zip(self.resolutions, ch)
                                    if r in self.attn_res})
-        self.last = SN(nn.Conv2d(ch[-1], 1, 4))  # 4x4 -> 1x1
+        self.last = SN(nn.Conv2d(ch[-1], 1, 1 if patch_res else 4))  # 4x4 -> 1x1, or a score per patch
 
     def model_args(self):
-        return dict(image_size=self.image_size, conv_dim=self.conv_dim, attn_res=list(self.attn_res))
+        """patch_res is named only when set, so the checkpoints of the seed's D keep their model_args."""
+        args = dict(image_size=self.image_size, conv_dim=self.conv_dim, attn_res=list(self.attn_res))
+        return dict(args, patch_res=self.patch_res) if self.patch_res else args
 
     def forward(self, x, return_attn=False, queries=None):
         x, maps = _ladder(self, x, return_attn, queries)
-        score = self.last(x).flatten()  # (B,)
+        score = self.last(x).flatten(1).mean(1) if self.patch_res else self.last(x).flatten()  # (B,)
         return (score, maps) if return_attn else score

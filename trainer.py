@@ -37,7 +37,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # each network's architecture arguments and the flags they come from: a checkpoint stores the
 # arguments (model_args), resume compares them and names the flags that differ
 ARCH_FLAGS = {"G": dict(image_size="imsize", z_dim="z_dim", conv_dim="g_conv_dim", attn_res="g_attn"),
-              "D": dict(image_size="imsize", conv_dim="d_conv_dim", attn_res="d_attn")}
+              "D": dict(image_size="imsize", conv_dim="d_conv_dim", attn_res="d_attn", patch_res="d_patch")}
 
 
 def check_precision(precision, device):
@@ -60,7 +60,7 @@ def arch_differences(stored, current):
     for net, args in ARCH_FLAGS.items():
         saved = stored.get(net) if isinstance(stored, dict) else None
         for arg, flag in args.items():
-            old, new = saved.get(arg) if isinstance(saved, dict) else None, current[net][arg]
+            old, new = saved.get(arg) if isinstance(saved, dict) else None, current[net].get(arg)
             if type(old) is not type(new) or old != new:
                 differ.setdefault(flag, (old, new))
     return differ

@@ -1,38 +1,68 @@
-"""The long-range experiment: does SAGAN's attention learn the built-in faces' eye-colour rule?
+"""The long-range experiment: can SAGAN's attention carry the built-in faces' eye-colour rule?
 
-    python -m experiments.attention_ablation                     # the experiment (defaults below)
-    python -m experiments.attention_ablation --score_only        # score the runs that exist, again
-    python -m experiments.attention_ablation --imsize 32 --steps 2000 --conv_dim 32 --out runs/ablation32
+    python -m experiments.attention_ablation --validate_reader       # the reader's scores on known faces
+    python -m experiments.attention_ablation                         # the experiment (defaults below)
+    python -m experiments.attention_ablation --score_only            # score the runs that exist, again
 
-(from the repository root, as a module: it imports the project's modules from there). The defaults
-are the recommended run: 64px (at 32px an iris is about 2 pixels), conv_dim 16, batch 32, 10,000
-steps, seeds 0 and 1, two runs at a time with one thread each: 99 min of training and under a minute
-of scoring on a 2-core CPU (measured; README has the result). It prints its wall time at the end.
+(from the repository root, as a module). Every built-in face has both irises in one random colour.
+Each (arm, seed) is an ordinary `main.py` run in <out>/models/<arm>_seed<seed>, --jobs side by side;
+a run whose folder exists is resumed (`main.py --resume`), so a killed experiment, or one continued in
+another session, picks up where its runs stopped; scores of every checkpoint are kept in
+<out>/scores/ and reused. Runs keep no EMA (--ema_decay 0): scores use the raw G.
 
-Every built-in face has both irises in one random colour. Two arms, equal budget (same steps, batch,
-widths, data and seeds): 'attn' with the default attention (G at 16 and 32 at 64px, D at 8 and 4),
-'noattn' with none. Each (arm, seed) is an ordinary `main.py` run in <out>/models/<arm>_seed<seed>,
---jobs of them side by side (a seed's two arms together, so both see the same machine), resumed
-when its folder exists and extended when --steps grew. Scores use the raw G (the runs keep no EMA,
-so a short budget isn't judged by an average that still remembers the first steps).
+Why the seed's networks cannot answer the question (64px; eye centres 12.8 to 16.6 px apart, the
+nearest pixels of the two irises 7.0 to 12.3 px apart; a unit must see a pixel of each iris to
+compare them). G's first layer maps z densely onto the 4x4 map, so every unit of G knows all of z:
+G can paint both irises from the same latent channels, no attention needed. D's convolutions (4x4,
+stride 2) see 4 px at 32x32, 10 px at 16x16, 22 px at 8x8 and 46 px at 4x4, and its last 4x4 conv
+the whole image: in 500 of 500 built-in faces some 8x8 unit sees iris pixels of both eyes. So
+without attention D can check the rule and G can obey it: a null is what that design predicts,
+and by itself it says nothing about what attention can do.
 
-What it measures (experiments/eye_metrics.py has the definitions):
-- eye agreement: the fraction of generated faces whose two irises read as one colour, against the
-  same generator's eyes paired at random (its chance); 'above chance' is the difference. Real faces
-  give the reader's ceiling and real random pairs the chance level.
-- along training: the same at every saved checkpoint (--model_save_step), so the log shows at which
-  step agreement rises above chance (its 95% interval above zero).
-- attention: the mass a query at one eye puts on the other eye, and on a control region the same
-  distance away that holds no eye in any built-in face, both over uniform attention, and their ratio.
-- the causal test: eye agreement with one attention layer's term removed at inference (attention's
-  layers_removed: the layer passes its input through, as with gamma 0), and with all of them removed.
-Uncertainty: 95% bootstrap intervals over generated faces (resampled within each seed) and the
-seeds' min-max. Written to <out>/results.md and <out>/results.json, with figures of where the eye
-query looks (explorer.Explorer) for one checkpoint of each arm with attention, and the eyes of
-the same z at every checkpoint of both arms (irises_seed<seed>.png: when irises appear).
+The arms, named for what they remove (equal steps, batch, widths, data and seeds):
+  gd          G+D attention (the seed's: G at 16 and 32, D at 8 and 4)
+  none        no attention in G or D
+  g, d        attention in G only, in D only (with gd and none: the 2x2 of G x D, if the budget allows)
+  gd_norule   negative control: G+D attention trained on faces WITHOUT the rule (each iris its own
+              colour, --synthetic_eyes independent); what the score reads when there is no rule to learn
+  patch_attn  positive control: a patch D that stops at 32x32 (--d_patch 32: each unit sees 4 px,
+              its score the mean of 1x1 scores per unit) with attention at 32x32 before its head; G
+              without attention. In 0 of 500 built-in faces does a 4 px window hold pixels of both
+              irises (at 16x16, 10 px, 51 of 500 do: that patch would leak). The patch score is a
+              sum of terms that each see one eye at most, and G's hinge loss is linear in it, so
+              without attention nothing rewards matching eyes; D's attention is the only route.
+  patch_none  the positive control's baseline: the same patch D without attention.
+If patch_attn does not beat patch_none, this budget cannot show an attention benefit even where
+attention is the only route, and a null in gd vs none means nothing (the code says "cannot tell").
+G can still draw matching eyes by accident (one latent for both), so patch_none need not be at chance.
+
+The score (experiments/eye_metrics.py): the iris reader finds both eyes' iris regions and scores a
+set of faces by the probability that a face's own two irises are closer in colour than irises of two
+different faces of the set, in points above chance (50 = every face's eyes match best; 0 = no rule).
+`--validate_reader` shows it is specific (rule-free and iris-free faces at chance) and robust (noise,
+blur, a shift). The endpoint of a run is the mean score over its last --last checkpoints; the
+headline is, per comparison, the mean of the seed-matched differences with a t interval over seeds
+(the seeds are the unit: one training run is one observation). decide() turns an interval into
+"helps" / "hurts" (the interval excludes 0), "no difference" (the interval lies inside +-MARGIN points)
+or "cannot tell" (neither). headline(): a "helps" for attention stands only if the rule arm beats its
+rule-free control, a "no difference" only if, besides, the positive control says "helps"; else
+"cannot tell", with the reason.
+
+At the last checkpoint of each run with G attention it also measures: where an eye query looks
+(the other eye vs an eye-free control as far away, by weights and by contributions); the causal
+test (the score with each G attention layer's term removed at inference); and the mechanism test
+(experiments/mechanism.py: the eye queries read another face's value vectors at the other eye, or
+at the mouth, with trained and with randomised query/key weights).
+
+Budget (the defaults: 64px, conv_dim 16, batch 32, 10,000 steps, 5 arms x 3 seeds, 2 jobs of 1
+thread). A 40-step pilot of every arm under load (load average 10 on 2 cores) ran gd 0.57, gd_norule
+0.56, none 1.22, patch_attn 0.39 and patch_none 1.36 it/s; scaled by the idle/load ratio of the runs
+measured on the idle machine before (gd 2.7, none 4.8 it/s), that is about 7.2 h of training on the
+idle 2-core CPU, plus an estimated 30-60 min of scoring. Run the positive control first
+(--arms patch_attn,patch_none, about 3.2 h): without it a null cannot be read.
 """
-import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,43 +75,66 @@ import torch
 
 from attention import attention_layers, face_pixels, layers_removed, map_hw, pixel_queries
 from attention_figures import save_figure
-from attention_stats import INERT_SHARE
 from checkpoint import ckpt_name, load_generator, saved_steps
 from cli import Parser, UserError, run
 from data_loader import synthetic_face
-from explorer import Explorer
-from experiments.eye_metrics import (eye_agreement, eye_attention, eye_cells, eye_colours, eye_layout,
+from experiments.eye_metrics import (eye_agreement, eye_attention, eye_cells, eye_layout, pair_score, read_irises,
                                      region_masks)
-from experiments.uncertainty import difference, public, summarise
+from experiments.mechanism import mechanism
+from explorer import Explorer
 from utils import denorm
 
 PROG = "experiments.attention_ablation"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where main.py is
-ARMS = {"attn": [], "noattn": ["--g_attn", "none", "--d_attn", "none"]}
-ARM_NAMES = {"attn": "G with attention", "noattn": "G without attention"}
+NO_G, NO_D = ["--g_attn", "none"], ["--d_attn", "none"]
+ARMS = {
+    "gd": dict(name="G+D attention", flags=[]),
+    "none": dict(name="no attention in G or D", flags=NO_G + NO_D),
+    "g": dict(name="attention in G only", flags=NO_D),
+    "d": dict(name="attention in D only", flags=NO_G),
+    "gd_norule": dict(name="G+D attention, rule-free faces (negative control)",
+                      flags=["--synthetic_eyes", "independent"]),
+    "patch_attn": dict(name="patch D (4 px) with attention at 32x32, G without (positive control)",
+                       flags=NO_G + ["--d_patch", "32", "--d_attn", "32"]),
+    "patch_none": dict(name="patch D (4 px) without attention, G without (positive control's baseline)",
+                       flags=NO_G + ["--d_patch", "32", "--d_attn", "none"]),
+}
+DEFAULT_ARMS = "gd,none,gd_norule,patch_attn,patch_none"
+# (name, arm, baseline): each a seed-matched difference of endpoints
+COMPARISONS = [("attention in G and D", "gd", "none"),
+               ("attention in G", "g", "none"),
+               ("attention in D", "d", "none"),
+               ("positive control: D attention where only it can see both eyes", "patch_attn", "patch_none"),
+               ("rule learned: rule faces minus rule-free faces (G+D attention)", "gd", "gd_norule")]
+MARGIN = 5.0         # points: seed-level differences whose whole interval lies within +-MARGIN are "no difference"
 Z_SEED = 1234        # the scored z: the same for every checkpoint, never a training seed's stream
 ATTN_IMAGES = 256    # images whose eye queries' attention is measured
+MECHANISM_IMAGES = 128
 
 
 def build_parser():
     p = Parser(prog=PROG, description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--steps", type=int, default=10_000, help="generator updates per run")
-    a("--imsize", type=int, default=64, help="image size; at 32px an iris is about 2 pixels")
+    a("--imsize", type=int, default=64, help="image size (the reader and the positive control assume 64)")
     a("--conv_dim", type=int, default=16, help="g_conv_dim and d_conv_dim")
     a("--batch_size", type=int, default=32)
     a("--z_dim", type=int, default=128)
     a("--synthetic_size", type=int, default=20_000)
-    a("--seeds", default="0,1", help="training seeds, comma-separated: one run per arm and seed")
-    a("--model_save_step", type=int, default=0,
-      help="checkpoint (and score along training) every this many steps (0: --steps / 10)")
-    a("--out", default=os.path.join("runs", "long_range"), help="run folders, logs, results, figures")
-    a("--num_samples", type=int, default=1000, help="generated (and real) faces scored per final checkpoint")
-    a("--series_samples", type=int, default=500, help="faces scored per checkpoint along training")
-    a("--tol", type=float, default=0.1, help="eyes match when their RGB colours (0..1) are this close")
+    a("--seeds", default="0,1,2", help="training seeds, comma-separated: one run per arm and seed")
+    a("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of {', '.join(ARMS)}")
+    a("--model_save_step", type=int, default=0, help="checkpoint (and score) every this many steps (0: --steps / 10)")
+    a("--last", type=int, default=3, help="endpoint: the mean score over this many last checkpoints")
+    a("--out", default=os.path.join("runs", "long_range"), help="run folders, logs, scores, results, figures")
+    a("--num_samples", type=int, default=1000, help="faces scored per checkpoint")
+    a("--tol", type=float, default=0.1, help="the secondary, threshold view: eyes match within this RGB distance")
     a("--jobs", type=int, default=2, help="runs trained at once")
     a("--threads", type=int, default=1, help="torch threads per run (and --jobs x this for scoring)")
     a("--score_only", action="store_true", help="don't train; score the checkpoints at --steps")
+    a("--no_mechanism", action="store_true", help="skip the attention, causal and mechanism measures")
+    a("--validate_reader", action="store_true",
+      help="print one JSON line: the iris reader's score on built-in faces with the rule, without it, "
+           "without irises, and with noise, blur and a shift (--num_samples faces each), then exit")
     return p
 
 
@@ -89,12 +142,15 @@ def check_args(args):
     try:
         args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1") from None
+        raise UserError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         raise UserError("--seeds needs at least one seed, each once")
-    if args.steps <= 0 or args.num_samples < 2 or args.series_samples < 2 or args.jobs < 1 or args.threads < 1:
-        raise UserError("--steps, --jobs and --threads must be positive, --num_samples and --series_samples "
-                        "at least 2")
+    args.arms = [a.strip() for a in str(args.arms).split(",") if a.strip()]
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown or not args.arms or len(set(args.arms)) != len(args.arms):
+        raise UserError(f"--arms {','.join(args.arms)}: give each at most once, of {', '.join(ARMS)}")
+    if args.steps <= 0 or args.num_samples < 2 or args.jobs < 1 or args.threads < 1 or args.last < 1:
+        raise UserError("--steps, --jobs, --threads and --last must be positive, --num_samples at least 2")
     args.model_save_step = args.model_save_step or max(args.steps // 10, 1)
     return args
 
@@ -104,8 +160,8 @@ def run_dir(args, arm, seed):
 
 
 def runs(args):
-    """[(arm, seed)], seed by seed, so the two arms of a seed train side by side."""
-    return [(arm, seed) for seed in args.seeds for arm in ARMS]
+    """[(arm, seed)], seed by seed, so the arms of a seed train side by side on the same machine."""
+    return [(arm, seed) for seed in args.seeds for arm in args.arms]
 
 
 # ============================================================================ training
@@ -119,9 +175,9 @@ def train_command(args, arm, seed):
            "--model_save_step", str(args.model_save_step), "--ema_decay", "0", "--no_visdom",
            "--version", os.path.basename(run_dir(args, arm, seed)),
            "--model_save_path", os.path.join(args.out, "models"), "--sample_path", os.path.join(args.out, "samples"),
-           *ARMS[arm]]
+           *ARMS[arm]["flags"]]
     if os.path.exists(os.path.join(run_dir(args, arm, seed), "latest.pt")):
-        cmd.append("--resume")
+        cmd.append("--resume")  # a killed or shorter run continues (bitwise as if never stopped)
     return cmd
 
 
@@ -158,9 +214,10 @@ def train_runs(args):
 
 # ============================================================================ scoring
 
-def real_faces(n, imsize, seed=777):
+def real_faces(n, imsize, seed=777, eyes="rule"):
     """(n, H, W, 3) floats in [0, 1]: held-out built-in faces (a seed the runs never saw)."""
-    return np.stack([synthetic_face(np.random.default_rng([seed, i]), imsize)[0] for i in range(n)]) / 255.0
+    return np.stack([synthetic_face(np.random.default_rng([seed, i]), imsize, eyes=eyes)[0]
+                     for i in range(n)]) / 255.0
 
 
 @torch.no_grad()
@@ -174,252 +231,295 @@ def fixed_z(n, z_dim):
     return torch.randn(n, z_dim, generator=torch.Generator().manual_seed(Z_SEED))  # (n, z_dim)
 
 
-def agreement(G, z, layout, tol):
-    """eye_agreement (per-face arrays) of G's faces of z."""
-    return eye_agreement(eye_colours(generated_faces(G, z), layout), tol)
+def face_score(images, layout, tol, seed=0):
+    """The primary score of a set of faces, JSON-ready: dict(points, ci) and the threshold view
+    (eyes within `tol` minus random pairs within `tol`, in points)."""
+    colours = read_irises(images, layout)["colours"]
+    s = pair_score(colours, seed=seed)
+    return dict(points=float(s["points"]), ci=[float(v) for v in s["ci"]],
+                threshold=float(100 * eye_agreement(colours, tol)["excess"].mean()))
+
+
+def checkpoint_score(args, arm, seed, step, layout):
+    """face_score of one checkpoint's raw G on the fixed z, kept in <out>/scores/<run>/step<k>.json
+    (scoring is resumed like training: a kept score is read, not recomputed)."""
+    path = os.path.join(args.out, "scores", f"{arm}_seed{seed}", f"step{step}_n{args.num_samples}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    G = load_generator(os.path.join(run_dir(args, arm, seed), ckpt_name(step)), ema=False, verbose=False)
+    score = face_score(generated_faces(G, fixed_z(args.num_samples, G.z_dim)), layout, args.tol)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(score, f)
+    os.replace(path + ".tmp", path)
+    return score
+
+
+def endpoint_steps(args, arm, seed):
+    """The saved steps up to --steps, and the last --last of them (the endpoint's)."""
+    steps = [s for s in saved_steps(run_dir(args, arm, seed)) if s <= args.steps]
+    if args.steps not in steps:
+        raise UserError(f"{run_dir(args, arm, seed)} has no checkpoint at step {args.steps}: train it first "
+                        f"(drop --score_only)")
+    return steps, steps[-args.last:]
 
 
 def score_run(args, arm, seed, layout):
-    """Scores of one run's checkpoint at --steps: per-face arrays, intact, per layer removed and
-    all removed; the eye queries' attention; and the series of earlier checkpoints."""
-    folder = run_dir(args, arm, seed)
-    G = load_generator(os.path.join(folder, ckpt_name(args.steps)), ema=False, verbose=False)
-    z = fixed_z(args.num_samples, G.z_dim)
+    """One run: its series (score per checkpoint), endpoint (mean over the last checkpoints) and, at
+    its last checkpoint, for a G with attention: eye attention, the causal test and the mechanism."""
+    steps, last = endpoint_steps(args, arm, seed)
+    series = [dict(step=s, **checkpoint_score(args, arm, seed, s, layout)) for s in steps]
+    out = dict(series=series, endpoint=float(np.mean([p["points"] for p in series if p["step"] in last])),
+               endpoint_steps=last)
+    G = load_generator(os.path.join(run_dir(args, arm, seed), ckpt_name(args.steps)), ema=False, verbose=False)
     names = list(attention_layers(G))
-    out = dict(intact=agreement(G, z, layout, args.tol), removed={},
-               attention=eye_attention(G, z[:ATTN_IMAGES], layout) if names else {})
+    if args.no_mechanism or not names:
+        return out
+    z = fixed_z(args.num_samples, G.z_dim)
+    intact = series[-1]["points"]
+    out["removed"] = {}
     for removed in [[n] for n in names] + ([names] if len(names) > 1 else []):
-        key = removed[0] if len(removed) == 1 else "all"
         with layers_removed(G, removed):
-            out["removed"][key] = agreement(G, z, layout, args.tol)
-    zs = fixed_z(args.series_samples, G.z_dim)
-    out["series"] = []
-    for step in saved_steps(folder):
-        if step <= args.steps:
-            Gs = G if step == args.steps else load_generator(os.path.join(folder, ckpt_name(step)),
-                                                             ema=False, verbose=False)
-            a = summarise([agreement(Gs, zs, layout, args.tol)["excess"]])
-            out["series"].append(dict(step=step, excess=a["mean"], ci=a["ci"]))
+            s = face_score(generated_faces(G, z), layout, args.tol)
+        out["removed"]["all" if len(removed) > 1 else removed[0]] = dict(points=s["points"], drop=intact - s["points"])
+    att = eye_attention(G, z[:ATTN_IMAGES], layout)
+    out["attention"] = {name: {k: (float(np.nanmean(v)) if isinstance(v, np.ndarray) else v) for k, v in a.items()}
+                        for name, a in att.items()}
+    out["mechanism"] = mechanism(G, layout, n=min(MECHANISM_IMAGES, args.num_samples), seed=seed)
     return out
 
 
-def first_above_chance(series):
-    """The first step whose excess interval lies above zero, or None."""
-    return next((p["step"] for p in series if p["ci"][0] > 0), None)
+# ============================================================================ the reader's validation
+
+def blur(images):
+    """(B, H, W, 3) -> the same blurred by the 5-tap binomial kernel (a Gaussian of sd 1 pixel)
+    down and across, edges repeated."""
+    k = np.array([1, 4, 6, 4, 1]) / 16
+    for axis in (1, 2):
+        pad = [(0, 0)] * 4
+        pad[axis] = (2, 2)
+        x = np.pad(images, pad, mode="edge")
+        n = images.shape[axis]
+        images = sum(w * np.take(x, range(i, i + n), axis=axis) for i, w in enumerate(k))
+    return images
 
 
-def aggregate(args, scored, real):
-    """The results: every number the tables and the summary use (JSON-ready, no replicates)."""
-    res = dict(config=dict(vars(args)), real=real, arms={})
-    boot_seed = itertools.count(1)  # every summary its own resampling stream: arms' differences need it
-    stat = lambda parts, key: summarise([p[key] for p in parts], seed=next(boot_seed))  # noqa: E731
-    excess = {}
-    for arm in ARMS:
+def shift(images, px):
+    """(B, H, W, 3) moved `px` pixels right and `px` down, the uncovered edge repeated."""
+    x = np.pad(images, [(0, 0), (px, 0), (px, 0), (0, 0)], mode="edge")
+    return x[:, :images.shape[1], :images.shape[2]]
+
+
+VALIDATION_SEED = 777  # held-out faces (the training runs use SyntheticFaces' seeds 0, 1, ...)
+
+
+def validate_reader(n, imsize, tol=0.1):
+    """The reader on built-in faces whose answer is known: {case: dict(points, ci, threshold)}, its
+    primary score in points above chance with a 95% bootstrap interval over faces, and the
+    secondary threshold view (eyes within `tol` minus random pairs within `tol`, in points).
+    Faces with the rule must score high, also with pixel noise, a blur and a shift; faces without
+    the rule or without irises must score at chance: else the reader is not reading the rule."""
+    layout = eye_layout(imsize)
+    faces = lambda eyes: real_faces(n, imsize, seed=VALIDATION_SEED, eyes=eyes)  # noqa: E731
+    rule = faces("rule")
+    noise = np.random.default_rng(0).normal(0, 0.05, rule.shape)
+    cases = {"rule": rule, "no_rule": faces("independent"), "no_iris": faces("none"),
+             "rule_noise_0.05": np.clip(rule + noise, 0, 1), "rule_blur_sd1": blur(rule),
+             "rule_shift_4px": shift(rule, 4)}
+    out = {}
+    for k, (case, images) in enumerate(cases.items()):
+        colours = read_irises(images, layout)["colours"]
+        s = pair_score(colours, seed=k)
+        t = eye_agreement(colours, tol)
+        out[case] = dict(points=round(s["points"], 2), ci=[round(v, 2) for v in s["ci"]],
+                         threshold=round(100 * t["excess"].mean(), 2))
+    return out
+
+
+
+
+# ============================================================================ statistics
+
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, df 1..10
+
+
+def t_quantile(df):
+    """The 97.5% quantile of Student's t with `df` degrees of freedom (table to 10, then the
+    Cornish-Fisher expansion, within 0.1% there)."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def seed_interval(values):
+    """dict(mean, ci, n, values): the mean of per-seed values with its 95% t interval over seeds
+    (ci None for one seed: one training run has no spread to measure)."""
+    v = np.asarray(values, dtype=float)
+    n, mean = len(v), float(v.mean())
+    if n < 2:
+        return dict(mean=mean, ci=None, n=n, values=v.tolist())
+    half = t_quantile(n - 1) * v.std(ddof=1) / math.sqrt(n)
+    return dict(mean=mean, ci=[mean - half, mean + half], n=n, values=v.tolist())
+
+
+def decide(diffs, margin=MARGIN):
+    """The seed-matched differences (points) of a comparison -> (verdict, seed_interval):
+    'helps' / 'hurts' when the interval excludes 0, 'no difference' when it lies within +-margin,
+    'cannot tell' otherwise (or with fewer than 2 seeds)."""
+    s = seed_interval(diffs)
+    if s["ci"] is None:
+        return "cannot tell", s
+    lo, hi = s["ci"]
+    if lo > 0:
+        return "helps", s
+    if hi < 0:
+        return "hurts", s
+    if -margin < lo and hi < margin:
+        return "no difference", s
+    return "cannot tell", s
+
+
+def headline(comparisons):
+    """The experiment's answer from its comparisons ({name: dict(verdict, ...)}). Attention in G and
+    D 'hurts' stands as measured. 'helps' stands only where the G+D arm beat its rule-free control
+    (else its higher score may be attention making eyes alike whatever the data, not the rule).
+    'no difference' stands only where, besides, the positive control detected a benefit of attention
+    where only attention can carry the rule. Otherwise: 'cannot tell', and why."""
+    main = comparisons.get(COMPARISONS[0][0])
+    if main is None:
+        return "cannot tell", "the runs of G+D attention and no attention are missing"
+    verdict, why = main["verdict"], []
+    pos, neg = comparisons.get(COMPARISONS[3][0]), comparisons.get(COMPARISONS[4][0])
+    if verdict in ("helps", "no difference") and (neg is None or neg["verdict"] != "helps"):
+        why.append("the G+D arm did not beat its rule-free control, so its score is not shown to be the rule"
+                   if neg else "no negative control was run")
+    if verdict == "no difference" and (pos is None or pos["verdict"] != "helps"):
+        why.append("the positive control did not show a benefit of attention where only attention can carry "
+                   "the rule" if pos else "no positive control was run")
+    return ("cannot tell" if why else verdict), "; ".join(why)
+
+
+def aggregate(args, scored):
+    """Every number the tables and the summary use, JSON-ready."""
+    res = dict(config=dict(vars(args)), arms={}, comparisons={})
+    for arm in args.arms:
         per_seed = [scored[(arm, s)] for s in args.seeds]
-        intact = [p["intact"] for p in per_seed]
-        excess[arm] = stat(intact, "excess")
-        a = dict(match=public(stat(intact, "match")), chance=public(stat(intact, "chance")),
-                 excess=public(excess[arm]), removed={}, attention={})
-        for key in per_seed[0]["removed"]:
-            removed = [p["removed"][key] for p in per_seed]
-            drop = [dict(d=x["excess"] - y["excess"]) for x, y in zip(intact, removed)]  # paired: the same z
-            a["removed"][key] = dict(match=public(stat(removed, "match")), excess=public(stat(removed, "excess")),
-                                     drop=public(stat(drop, "d")))
-        for layer in per_seed[0]["attention"]:
-            at = [p["attention"][layer] for p in per_seed]
-            e = dict(other=public(stat(at, "other")), share=public(stat(at, "share")),
-                     control_cells=at[0]["control_cells"])
-            if not np.isnan(at[0]["control"]).all():
-                e["control"] = public(stat(at, "control"))
-                e["other_minus_control"] = public(stat([dict(d=x["other"] - x["control"]) for x in at], "d"))
-                e["ratio"] = dict(mean=e["other"]["mean"] / e["control"]["mean"],
-                                  seeds=[o / c for o, c in zip(e["other"]["seeds"], e["control"]["seeds"])])
-            a["attention"][layer] = e
-        a["series"] = {str(s): p["series"] for s, p in zip(args.seeds, per_seed)}
-        a["first_above_chance"] = {str(s): first_above_chance(p["series"]) for s, p in zip(args.seeds, per_seed)}
+        a = dict(name=ARMS[arm]["name"], endpoint=seed_interval([p["endpoint"] for p in per_seed]),
+                 endpoint_steps=per_seed[0]["endpoint_steps"],
+                 series={str(s): p["series"] for s, p in zip(args.seeds, per_seed)})
+        if "removed" in per_seed[0]:
+            a["removed"] = {k: dict(drop=seed_interval([p["removed"][k]["drop"] for p in per_seed]))
+                            for k in per_seed[0]["removed"]}
+            a["attention"] = {layer: {k: seed_interval([p["attention"][layer][k] for p in per_seed])
+                                      for k in ("other", "control", "other_contrib", "control_contrib", "share")}
+                              for layer in per_seed[0]["attention"]}
+            a["mechanism"] = {layer: {part: {key: seed_interval([
+                p["mechanism"][layer][part][key]["change"]["mean"] if key in ("other", "control")
+                else p["mechanism"][layer][part][key]["mean"] for p in per_seed])
+                for key in ("other", "control", "other_by_weight", "other_by_contribution", "control_by_weight",
+                            "control_by_contribution")}
+                for part in ("trained", "random_qk")} for layer in per_seed[0]["mechanism"]}
+            a["mechanism_runs"] = {str(s): p["mechanism"] for s, p in zip(args.seeds, per_seed)}
         res["arms"][arm] = a
-    res["attn_minus_noattn"] = difference(excess["attn"], excess["noattn"])
+    for name, arm, base in COMPARISONS:
+        if arm in args.arms and base in args.arms:
+            diffs = [scored[(arm, s)]["endpoint"] - scored[(base, s)]["endpoint"] for s in args.seeds]
+            verdict, interval = decide(diffs)
+            res["comparisons"][name] = dict(arm=arm, baseline=base, verdict=verdict, **interval)
+    res["headline"] = dict(zip(("verdict", "why"), headline(res["comparisons"])))
     return res
-
-
-def score_real(args, layout):
-    a = eye_agreement(eye_colours(real_faces(args.num_samples, args.imsize), layout), args.tol)
-    return dict(match=public(summarise([a["match"]], seed=7)), chance=public(summarise([a["chance"]], seed=8)))
 
 
 # ============================================================================ report
 
-def pct(s, ci=True, seeds=True):
-    """'12.3% [10.1, 14.5] (seeds 11.0 to 13.6)' for a summary of fractions."""
-    f = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    text = f"{f(s['mean'])}%"
-    if ci:
-        text += f" [{f(s['ci'][0])}, {f(s['ci'][1])}]"
-    if seeds and len(s.get("seeds", [])) > 1:
-        text += f" (seeds {f(min(s['seeds']))} to {f(max(s['seeds']))})"
-    return text
-
-
-def points(s):
-    """'+1.2 points [-0.3, +2.6] (seeds +0.8 to +1.6)' for a summary of differences of fractions."""
-    text = f"{100 * s['mean']:+.1f} points [{100 * s['ci'][0]:+.1f}, {100 * s['ci'][1]:+.1f}]"
-    if len(s.get("seeds", [])) > 1:
-        text += f" (seeds {100 * min(s['seeds']):+.1f} to {100 * max(s['seeds']):+.1f})"
-    return text
-
-
-def times(s, seeds=True):
-    """'2.41x [2.30, 2.52] (seeds 2.30 to 2.52)' for a summary of ratios over uniform."""
-    text = f"{s['mean']:.2f}x"
-    if "ci" in s:
-        text += f" [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]"
-    if seeds and len(s.get("seeds", [])) > 1:
-        text += f" (seeds {min(s['seeds']):.2f} to {max(s['seeds']):.2f})"
-    return text
+def span(s, fmt="{:+.1f}"):
+    """'+1.2 [-0.3, +2.6] (seeds +0.8, +1.6, +1.2)' for a seed_interval."""
+    text = fmt.format(s["mean"])
+    if s["ci"] is not None:
+        text += " [" + ", ".join(fmt.format(v) for v in s["ci"]) + "]"
+    return text + " (seeds " + ", ".join(fmt.format(v) for v in s["values"]) + ")"
 
 
 def tables(res):
     args, arms = res["config"], res["arms"]
-    seeds = ",".join(map(str, args["seeds"]))
-    out = [f"Eye-colour agreement at step {args['steps']} ({args['imsize']}px, conv_dim {args['conv_dim']}, "
-           f"batch {args['batch_size']}, seeds {seeds}; {args['num_samples']} faces per run). Mean over seeds, "
-           f"[95% bootstrap interval over faces], (seeds' min to max); 'above chance' in percentage points.", "",
-           f"| images | eyes match (RGB distance < {args['tol']}) | random pairs of its eyes (chance) | "
-           f"above chance |", "|---|---|---|---|",
-           f"| real built-in faces (ceiling) | {pct(res['real']['match'])} | {pct(res['real']['chance'])} | "
-           f"{100 * (res['real']['match']['mean'] - res['real']['chance']['mean']):+.1f} points |",
-           f"| random pairs of real eyes (chance) | {pct(res['real']['chance'])} | - | - |"]
-    out += [f"| {ARM_NAMES[arm]} | {pct(a['match'])} | {pct(a['chance'])} | {points(a['excess'])} |"
-            for arm, a in arms.items()]
-    d = res["attn_minus_noattn"]
-    out += ["", f"With minus without attention, above chance: {100 * d['mean']:+.1f} points "
-                f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}].", ""]
+    last = ",".join(map(str, next(iter(arms.values()))["endpoint_steps"]))
+    out = [f"The iris reader on known faces (--validate_reader, {res['reader']['n']} faces each), points above "
+           f"chance [95% bootstrap interval over faces]: " + "; ".join(
+               f"{k} {v['points']:+.1f} [{v['ci'][0]:+.1f}, {v['ci'][1]:+.1f}]"
+               for k, v in res["reader"]["cases"].items()),
+           "",
+           f"Eye-colour rule score ({args['imsize']}px, conv_dim {args['conv_dim']}, batch {args['batch_size']}, "
+           f"{args['steps']} steps, seeds {','.join(map(str, args['seeds']))}; {args['num_samples']} faces per "
+           f"checkpoint): points above chance (50 = every face's eyes match best, 0 = no rule), the endpoint "
+           f"a run's mean over steps {last}; mean over seeds [95% t interval over seeds] (each seed).", "",
+           "| arm | what it is | endpoint |", "|---|---|---|"]
+    out += [f"| {arm} | {a['name']} | {span(a['endpoint'])} |" for arm, a in arms.items()]
+    out += ["", f"Seed-matched differences of endpoints (points), verdict at a margin of +-{MARGIN:g} points:", "",
+            "| comparison | arms | difference | verdict |", "|---|---|---|---|"]
+    out += [f"| {name} | {c['arm']} - {c['baseline']} | {span(c)} | {c['verdict']} |"
+            for name, c in res["comparisons"].items()]
+    h = res["headline"]
+    out += ["", f"Answer: {h['verdict']}" + (f" ({h['why']})" if h["why"] else "") + "."]
 
-    out += ["Attention of a query at one eye (attention.FACE_QUERIES), over uniform attention: on the 3x3 cells "
-            "around the other eye, and on a control region as far from the query holding no eye "
-            f"(first {ATTN_IMAGES} faces of each run).", "",
-            "| arm | layer | changes its input by | other eye / uniform | control / uniform | other / control | "
-            "other - control |", "|---|---|---|---|---|---|---|"]
-    for arm, a in arms.items():
-        for layer, e in a["attention"].items():
-            if "control" in e:
-                r = e["ratio"]
-                spread = f" (seeds {min(r['seeds']):.2f} to {max(r['seeds']):.2f})" if len(r["seeds"]) > 1 else ""
-                d = e["other_minus_control"]
-                out.append(f"| {arm} | {layer} | {pct(e['share'], ci=False)} | {times(e['other'])} | "
-                           f"{times(e['control'])} | {r['mean']:.2f}{spread} | "
-                           f"{d['mean']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] |")
-            else:
-                out.append(f"| {arm} | {layer} | {pct(e['share'], ci=False)} | {times(e['other'])} | "
-                           f"n/a: no eye-free cells at that distance | - | - |")
-    out += ["", "Causal test: the same z, with attention layers' terms removed (gamma = 0) at inference.", "",
-            "| arm | attention removed | eyes match | above chance | drop in above-chance vs intact |",
-            "|---|---|---|---|---|"]
-    for arm, a in arms.items():
-        if a["removed"]:
-            out.append(f"| {arm} | none (intact) | {pct(a['match'])} | {points(a['excess'])} | - |")
-        for key, r in a["removed"].items():
-            label = "all layers" if key == "all" else key
-            out.append(f"| {arm} | {label} | {pct(r['match'])} | {points(r['excess'])} | {points(r['drop'])} |")
-    out += ["", f"Along training: above chance in points ({args['series_samples']} faces per checkpoint), "
-                f"* = its 95% interval above zero.", ""]
+    with_g = {arm: a for arm, a in arms.items() if "attention" in a}
+    if with_g:
+        out += ["", "Eye queries' attention at the last checkpoint, over uniform (1 = no preference): on the other "
+                    "eye and on an eye-free control as far away, by weights and by contributions ||gamma a v||.", "",
+                "| arm | layer | changes its input by | other eye (weights) | control (weights) | "
+                "other eye (contributions) | control (contributions) |", "|---|---|---|---|---|---|---|"]
+        for arm, a in with_g.items():
+            for layer, e in a["attention"].items():
+                f = lambda k: "n/a" if np.isnan(e[k]["mean"]) else span(e[k], "{:.2f}")  # noqa: E731
+                out.append(f"| {arm} | {layer} | {100 * e['share']['mean']:.1f}% | {f('other')} | {f('control')} | "
+                           f"{f('other_contrib')} | {f('control_contrib')} |")
+        out += ["", "Causal test: the drop in the score (points) with attention layers' terms removed at inference.",
+                "", "| arm | removed | drop |", "|---|---|---|"]
+        out += [f"| {arm} | {'all layers' if k == 'all' else k} | {span(r['drop'])} |"
+                for arm, a in with_g.items() for k, r in a["removed"].items()]
+        out += ["", "Mechanism test: the left iris's colour change (RGB distance, 0..1) when its queries read another "
+                    "face's value vectors at the other eye or at the mouth (a control with contrast), with the trained "
+                    "and with randomised query/key weights; and the eye queries' mass on each region over uniform, "
+                    "by weights and by contributions.", "",
+                "| arm | layer | weights | change: other eye | change: mouth | other eye by weight | "
+                "by contribution | mouth by weight | by contribution |", "|---|---|---|---|---|---|---|---|---|"]
+        for arm, a in with_g.items():
+            for layer, m in a["mechanism"].items():
+                for part in ("trained", "random_qk"):
+                    p = m[part]
+                    out.append(f"| {arm} | {layer} | {part} | {span(p['other'], '{:.4f}')} | "
+                               f"{span(p['control'], '{:.4f}')} | {span(p['other_by_weight'], '{:.2f}')} | "
+                               f"{span(p['other_by_contribution'], '{:.2f}')} | "
+                               f"{span(p['control_by_weight'], '{:.2f}')} | "
+                               f"{span(p['control_by_contribution'], '{:.2f}')} |")
     cols = [(arm, s) for arm in arms for s in map(str, args["seeds"])]
-    out += ["| step | " + " | ".join(f"{arm} seed {s}" for arm, s in cols) + " |", "|---|" + "---|" * len(cols)]
-    steps = sorted({p["step"] for arm, s in cols for p in arms[arm]["series"][s]})
-    for step in steps:
+    out += ["", "Along training: the score (points) of every checkpoint; * = its face-level 95% interval above "
+                "zero.", "",
+            "| step | " + " | ".join(f"{arm} s{s}" for arm, s in cols) + " |", "|---|" + "---|" * len(cols)]
+    for step in sorted({p["step"] for arm, s in cols for p in arms[arm]["series"][s]}):
         cells = []
         for arm, s in cols:
             p = next((p for p in arms[arm]["series"][s] if p["step"] == step), None)
-            cells.append("-" if p is None else f"{100 * p['excess']:+.1f}{'*' if p['ci'][0] > 0 else ''}")
+            cells.append("-" if p is None else f"{p['points']:+.1f}{'*' if p['ci'][0] > 0 else ''}")
         out.append(f"| {step} | " + " | ".join(cells) + " |")
-    firsts = [f"{arm} seed {s}: {arms[arm]['first_above_chance'][s] or 'never'}" for arm, s in cols]
-    out += ["", "First step above chance: " + "; ".join(firsts) + "."]
     return "\n".join(out)
 
 
-# rules of thumb for the summary's words; the numbers beside them are what counts
-NEGLIGIBLE = 0.01    # a change in agreement whose whole interval lies within 1 point is negligible
-CLEAR_RATIO = 1.25   # other eye over control: below this a preference beyond distance is slight
-
-
-def span(ci):
-    return f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
-
-
 def summary(res):
-    """Plain sentences made from the numbers: what the experiment shows, and what it does not."""
-    args, arms, real = res["config"], res["arms"], res["real"]
-    n_seeds = len(args["seeds"])
-    say, learned = [], {}
-    for arm, a in arms.items():
-        e = a["excess"]
-        learned[arm] = e["ci"][0] > 0
-        verdict = ("above chance" if e["ci"][0] > 0 else
-                   "below chance" if e["ci"][1] < 0 else "not distinguishable from chance")
-        say.append(f"{ARM_NAMES[arm]}: {pct(a['match'], ci=False, seeds=False)} of faces have matching eyes against "
-                   f"{pct(a['chance'], ci=False, seeds=False)} for random pairs of its own eyes, {points(e)}: "
-                   f"{verdict} (real faces: {pct(real['match'], ci=False)} against {pct(real['chance'], ci=False)}).")
-
-    d, ea, en = res["attn_minus_noattn"], arms["attn"]["excess"], arms["noattn"]["excess"]
-    seeds_apart = n_seeds == 1 or min(ea["seeds"]) > max(en["seeds"]) or max(ea["seeds"]) < min(en["seeds"])
-    diff = f"{100 * abs(d['mean']):.1f} points {span(d['ci'])}"
-    if not any(learned.values()):
-        say.append(f"Neither generator draws matching eyes above chance at {args['steps']} steps, so this budget "
-                   f"cannot tell whether attention helps with the rule (with minus without attention: "
-                   f"{100 * d['mean']:+.1f} points {span(d['ci'])}).")
-    elif d["ci"][0] > 0 and seeds_apart:
-        say.append(f"Attention helped: {diff} more faces match above chance with it than without"
-                   + (", and every seed with attention beat every seed without." if n_seeds > 1 else "."))
-    elif d["ci"][1] < 0 and seeds_apart:
-        say.append(f"Attention hurt at this budget: {diff} fewer faces match above chance with it than without"
-                   + (", in every seed." if n_seeds > 1 else "."))
-    elif d["ci"][0] > 0 or d["ci"][1] < 0:
-        say.append(f"The arms differ on these faces ({100 * d['mean']:+.1f} points {span(d['ci'])} with minus "
-                   f"without attention), but their seeds overlap: with {n_seeds} seeds per arm that is not shown "
-                   f"to come from attention rather than from the training run.")
-    else:
-        say.append(f"Attention did not measurably help: with minus without attention is {100 * d['mean']:+.1f} "
-                   f"points {span(d['ci'])}, an interval that includes zero.")
-
-    for layer, e in arms["attn"]["attention"].items():
-        share = f"{layer} (changes its input by {pct(e['share'], ci=False, seeds=False)})"
-        if "control" not in e:
-            say.append(f"{share} puts {e['other']['mean']:.2f}x its uniform share on the other eye, but at that "
-                       f"resolution no eye-free region lies as far away, so that number is no evidence either way.")
-            continue
-        lo, hi = e["other_minus_control"]["ci"]
-        ratio = e["ratio"]["mean"]
-        if lo > 0:
-            pref = (f"{'more' if ratio >= CLEAR_RATIO else 'slightly more'} than on the control: a preference "
-                    f"beyond distance for the other eye (for eye-like features, which alone says nothing "
-                    f"about their colour)")
-        elif hi < 0:
-            pref = "less than on the control"
-        else:
-            pref = "no more than on the control, so its other-eye number is no evidence of the eye rule"
-        inert = (f"; but the layer changes its input by under {INERT_SHARE:.0%}, so where it looks barely "
-                 f"reaches the image" if e["share"]["mean"] < INERT_SHARE else "")
-        say.append(f"{share}: an eye query puts {e['other']['mean']:.2f}x its uniform share on the other eye and "
-                   f"{e['control']['mean']:.2f}x on an eye-free region as far away (ratio {ratio:.2f}), {pref}{inert}.")
-
-    for key, r in arms["attn"]["removed"].items():
-        lo, hi = r["drop"]["ci"]
-        what = "every attention layer" if key == "all" else key
-        if -NEGLIGIBLE < lo and hi < NEGLIGIBLE:
-            effect = "changes agreement above chance by less than 1 point"
-        elif lo > 0:
-            effect = "lowers agreement above chance"
-        elif hi < 0:
-            effect = "raises agreement above chance"
-        else:
-            effect = "does not measurably change agreement above chance"
-        say.append(f"Removing {what} at inference {effect} (drop {100 * r['drop']['mean']:+.1f} points "
-                   f"{span(r['drop']['ci'])}).")
-    say.append(f"What this does not show: {n_seeds} seed{'s' if n_seeds > 1 else ''} per arm and one budget "
-               f"({args['steps']} steps at {args['imsize']}px, conv_dim {args['conv_dim']}), so a longer run or "
-               f"another width may differ; the eye reader finds matching eyes in only "
-               f"{pct(real['match'], ci=False)} of real faces; and removing a layer also changes the input of every "
-               f"later layer, so a drop shows the layer is needed, not that it alone carries the rule.")
+    """Plain sentences, each naming its numbers."""
+    args, say = res["config"], []
+    for name, c in res["comparisons"].items():
+        ci = ("no interval with one seed" if c["ci"] is None
+              else f"95% t interval [{c['ci'][0]:+.1f}, {c['ci'][1]:+.1f}]")
+        say.append(f"{name} ({c['arm']} - {c['baseline']}): {c['mean']:+.1f} points, {ci} over {c['n']} "
+                   f"seed{'s' if c['n'] > 1 else ''}: {c['verdict']}.")
+    h = res["headline"]
+    say.append(f"Answer to 'does attention help carry the eye-colour rule?': {h['verdict']}"
+               + (f", because {h['why']}" if h["why"] else "") + ".")
+    say.append(f"What this does not show: one budget ({args['steps']} steps at {args['imsize']}px, conv_dim "
+               f"{args['conv_dim']}) and {len(args['seeds'])} seeds; the built-in faces, not real ones; and removing "
+               f"or swapping inside a layer also changes the input of every later layer.")
     return say
 
 
@@ -445,7 +545,7 @@ def eye_query_figures(args, layout):
     paths = []
     pixel = face_pixels(args.imsize)["left eye"]
     legend = "green: the other eye's region; white dashed: the control region (as far away, no eye)"
-    for arm in ARMS:
+    for arm in args.arms:
         G = load_generator(os.path.join(run_dir(args, arm, args.seeds[0]), ckpt_name(args.steps)),
                            ema=False, verbose=False)
         if not G.attn_res:
@@ -481,12 +581,13 @@ def irises_figure(args, layout):
     the eye band of the same IRIS_FACES z for each arm side by side (the raw G, as scored)."""
     import matplotlib.pyplot as plt
     seed = args.seeds[0]
-    steps = [s for s in saved_steps(run_dir(args, "attn", seed)) if s <= args.steps]
+    arms = [a for a in ("gd", "none") if a in args.arms] or args.arms[:2]
+    steps = [s for s in saved_steps(run_dir(args, arms[0], seed)) if s <= args.steps]
     z = fixed_z(IRIS_FACES, args.z_dim)
     rows = []
     for step in steps:
         row = []
-        for arm in ARMS:
+        for arm in arms:
             G = load_generator(os.path.join(run_dir(args, arm, seed), ckpt_name(step)), ema=False, verbose=False)
             band = eye_band(generated_faces(G, z), layout)                  # (n, h, w, 3)
             gap = np.ones((band.shape[1], 1, 3))
@@ -499,7 +600,7 @@ def irises_figure(args, layout):
     ax.imshow(grid.clip(0, 1), interpolation="nearest")
     ax.set_yticks([(h + 2) * i + h / 2 for i in range(len(steps))], [f"step {s}" for s in steps])
     arm_w = row[0].shape[1] + 4
-    ax.set_xticks([arm_w * k + row[0].shape[1] / 2 for k in range(len(ARMS))], [ARM_NAMES[a] for a in ARMS])
+    ax.set_xticks([arm_w * k + row[0].shape[1] / 2 for k in range(len(arms))], [ARMS[a]["name"] for a in arms])
     ax.xaxis.tick_top()
     ax.tick_params(length=0)
     for side in ax.spines.values():
@@ -513,6 +614,10 @@ def main(argv=None):
     start = time.perf_counter()
     matplotlib.use("Agg")  # headless: the figures go to files (attention_figures imports pyplot on first use)
     args = check_args(build_parser().parse_args(argv))
+    if args.validate_reader:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(validate_reader(args.num_samples, args.imsize, args.tol)))
+        return
     if not args.score_only:
         train_runs(args)
     trained = time.perf_counter()
@@ -520,9 +625,10 @@ def main(argv=None):
     layout = eye_layout(args.imsize)
     say(f"scoring the raw G of every checkpoint in {os.path.join(args.out, 'models')} (the runs keep no EMA)")
     scored = {(arm, seed): score_run(args, arm, seed, layout) for arm, seed in runs(args)}
-    res = aggregate(args, scored, score_real(args, layout))
+    res = aggregate(args, scored)
+    res["reader"] = dict(n=args.num_samples, cases=validate_reader(args.num_samples, args.imsize, args.tol))
     res["summary"] = summary(res)
-    res["figures"] = eye_query_figures(args, layout) + [irises_figure(args, layout)]
+    res["figures"] = ([] if args.no_mechanism else eye_query_figures(args, layout)) + [irises_figure(args, layout)]
     text = tables(res) + "\n\n" + "\n".join(res["summary"])
     res["wall_s"] = dict(training=trained - start, scoring=time.perf_counter() - trained)
     with open(os.path.join(args.out, "results.md"), "w") as f:

@@ -1,7 +1,8 @@
 """The long-range experiment (experiments/attention_ablation.py): the control region is as far from
 the eye query as the other eye and never on an eye, at 32 and 64px; removing a layer's attention at
 inference is exactly a G without that layer's term; the bootstrap intervals are right on planted
-data; and the whole script runs end to end on tiny runs (2 seeds x 2 arms, 2 steps each)."""
+data; the verdicts can say yes, no and "cannot tell" on planted differences; and the whole script
+runs end to end on tiny runs (2 seeds x 3 arms, 2 steps each) and resumes them with more steps."""
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import torch
 
 from attention import attention_layers, face_pixels, gamma, layers_removed, pixel_queries
 from data_loader import synthetic_face
+from experiments.attention_ablation import COMPARISONS, decide, headline, t_quantile
 from experiments.eye_metrics import SCLERA_HALF, eye_agreement, eye_cells, eye_layout, region_masks, region_ratio
 from experiments.uncertainty import bootstrap, difference, interval, summarise
 from sagan_models import Generator, default_attn
@@ -163,43 +165,75 @@ def test_eye_agreement_counts_a_generator_with_one_iris_colour_as_chance():
 
 # ============================================================================ end to end
 
-def test_experiment_runs_two_seeds_per_arm_and_writes_tables_json_and_figures(tmp_path):
+def test_decide_can_say_yes_no_and_cannot_tell_on_planted_differences():
+    assert decide([20.0, 22.0, 25.0])[0] == "helps"            # a clear yes
+    assert decide([-20.0, -22.0, -25.0])[0] == "hurts"
+    assert decide([0.5, -0.3, 0.2])[0] == "no difference"      # a clear no: within +-MARGIN
+    assert decide([15.0, -10.0, 2.0])[0] == "cannot tell"      # seeds disagree: uninformative
+    assert decide([30.0])[0] == "cannot tell"                  # one seed has no spread to measure
+    verdict, s = decide([1.0, 2.0, 3.0])
+    # the t interval over seeds: mean 2, sd 1, t(2) = 4.303
+    assert s["ci"] == pytest.approx([2 - 4.303 / np.sqrt(3), 2 + 4.303 / np.sqrt(3)], abs=1e-3)
+    assert t_quantile(30) == pytest.approx(2.042, abs=2e-3) and t_quantile(1000) == pytest.approx(1.962, abs=2e-3)
+
+
+def test_a_null_stands_only_with_a_working_positive_control_and_a_learned_rule():
+    main, pos, neg = (name for name, _, _ in (COMPARISONS[0], COMPARISONS[3], COMPARISONS[4]))
+    null, yes, unclear = dict(verdict="no difference"), dict(verdict="helps"), dict(verdict="cannot tell")
+    assert headline({main: null, pos: yes, neg: yes}) == ("no difference", "")
+    verdict, why = headline({main: null, pos: unclear, neg: yes})
+    assert verdict == "cannot tell" and "positive control" in why
+    verdict, why = headline({main: null, pos: yes, neg: unclear})
+    assert verdict == "cannot tell" and "rule-free" in why
+    assert headline({main: null})[0] == "cannot tell"
+    # a benefit needs no positive control, but it must be the rule: the rule arm beats its rule-free twin
+    assert headline({main: yes, pos: unclear, neg: yes}) == ("helps", "")
+    verdict, why = headline({main: yes, pos: yes, neg: unclear})
+    assert verdict == "cannot tell" and "rule-free" in why
+    assert headline({main: dict(verdict="hurts")})[0] == "hurts"
+    assert headline({})[0] == "cannot tell"
+
+
+def test_experiment_runs_end_to_end_resumes_and_writes_tables_json_and_figures(tmp_path):
     out = tmp_path / "lr"
-    cmd = [sys.executable, "-m", "experiments.attention_ablation", "--steps", "2", "--imsize", "32",
-           "--conv_dim", "8", "--z_dim", "16", "--batch_size", "4", "--synthetic_size", "64",
-           "--seeds", "0,1", "--num_samples", "16", "--series_samples", "8", "--jobs", "4", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "experiments.attention_ablation", "--imsize", "32", "--conv_dim", "8",
+           "--z_dim", "16", "--batch_size", "4", "--synthetic_size", "64", "--seeds", "0,1", "--arms",
+           "gd,none,gd_norule", "--num_samples", "16", "--jobs", "3", "--last", "2", "--out", str(out)]
+    proc = subprocess.run([*cmd, "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = proc.stdout
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert any(r.startswith("| real built-in faces (ceiling) |") for r in rows)
-    assert any(r.startswith("| random pairs of real eyes (chance) |") for r in rows)
-    with_attn = next(r for r in rows if r.startswith("| G with attention |"))
-    assert "[" in with_attn and "(seeds" in with_attn  # bootstrap interval and seed spread
-    assert any(r.startswith("| G without attention |") for r in rows)
-    # attention: G8 has no eye-free control at 32px, G16 has one; the noattn arm has no rows
-    assert any(r.startswith("| attn | G8 |") and "n/a" in r for r in rows)
-    assert any(r.startswith("| attn | G16 |") and "n/a" not in r for r in rows)
-    assert not any(r.startswith("| noattn | G") for r in rows)
-    # the causal test, per layer and all at once; the series at steps 1 and 2 of every run
-    for label in ("none (intact)", "G8", "G16", "all layers"):
-        assert any(r.startswith(f"| attn | {label} |") for r in rows), label
-    assert any(r.startswith("| 1 |") for r in rows) and any(r.startswith("| 2 |") for r in rows)
-    assert "First step above chance:" in text and "What this does not show:" in text
+    assert any(r.startswith("| gd | G+D attention |") and "(seeds" in r for r in rows)
+    assert any(r.startswith("| none | no attention in G or D |") for r in rows)
+    assert any(r.startswith("| attention in G and D | gd - none |") for r in rows)
+    assert any(r.startswith("| rule learned") for r in rows)
+    assert "The iris reader on known faces" in text and "Answer:" in text
+    for label in ("G8", "G16", "all layers"):  # the causal test per layer and all at once
+        assert any(r.startswith(f"| gd | {label} |") for r in rows), label
+    assert any(r.startswith("| gd | G16 | trained |") for r in rows)
+    assert any(r.startswith("| gd | G16 | random_qk |") for r in rows)
+    assert not any(r.startswith("| none | G") for r in rows)
     assert "wall time:" in text.splitlines()[-1]
-
     res = json.loads((out / "results.json").read_text())
-    assert res["config"]["seeds"] == [0, 1]
-    for arm in ("attn", "noattn"):
-        assert len(res["arms"][arm]["excess"]["seeds"]) == 2
-        assert [p["step"] for p in res["arms"][arm]["series"]["1"]] == [1, 2]
-        for seed in (0, 1):
-            assert (out / "models" / f"{arm}_seed{seed}" / "ckpt_0000002.pt").is_file()
-    assert set(res["arms"]["attn"]["removed"]) == {"G8", "G16", "all"}
-    assert res["arms"]["attn"]["attention"]["G16"]["control_cells"][0] is not None
+    assert res["config"]["seeds"] == [0, 1] and res["headline"]["verdict"] in ("helps", "hurts", "cannot tell",
+                                                                                "no difference")
+    assert set(res["reader"]["cases"]) >= {"rule", "no_rule", "no_iris"}
+    assert res["arms"]["gd"]["endpoint_steps"] == [1, 2]
+    assert len(res["arms"]["gd"]["endpoint"]["values"]) == 2
     assert res["summary"] == [line for line in text.splitlines() if line in res["summary"]]
-    assert (out / "results.md").read_text().strip() in text
     for fig in res["figures"]:
         assert os.path.getsize(fig) > 1000
-    assert len(res["figures"]) == 3  # the eye query of the arm with attention (2), both arms' irises (1)
     assert res["figures"][-1].endswith("irises_seed0.png")
+    kept = sorted((out / "scores" / "gd_seed0").iterdir())
+    assert [p.name for p in kept] == ["step1_n16.json", "step2_n16.json"]
+
+    # more steps: every run resumes from its last checkpoint (not from scratch); kept scores are reused
+    stamp = kept[0].stat().st_mtime_ns
+    proc = subprocess.run([*cmd, "--steps", "3", "--no_mechanism"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "--resume" in proc.stdout and "--total_step 3" in proc.stdout
+    assert (out / "models" / "gd_seed1" / "ckpt_0000003.pt").is_file()
+    assert kept[0].stat().st_mtime_ns == stamp
+    res = json.loads((out / "results.json").read_text())
+    assert res["arms"]["none"]["endpoint_steps"] == [2, 3]
