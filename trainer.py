@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from checkpoint import (CheckpointError, atomic_write_text, ckpt_name, load_checkpoint, remove_stale_temps,
-                        restore, save_checkpoint, saved_steps)
+from checkpoint import (CheckpointError, check_architecture, ckpt_name, load_checkpoint, restore, resume_path,
+                        save_checkpoint)
+from run_files import atomic_write_text, remove_stale_temps
 from cli import reason
 from data_loader import training_batches
 from distributed import DistInfo, max_over_ranks, mean_over_ranks, sync_batchnorm, wrap
@@ -34,11 +35,6 @@ from utils import default, denorm, exists, pick_device, rng_state, seed_everythi
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# each network's architecture arguments and the flags they come from: a checkpoint stores the
-# arguments (model_args), resume compares them and names the flags that differ
-ARCH_FLAGS = {"G": dict(image_size="imsize", z_dim="z_dim", conv_dim="g_conv_dim", attn_res="g_attn"),
-              "D": dict(image_size="imsize", conv_dim="d_conv_dim", attn_res="d_attn")}
-
 
 def check_precision(precision, device):
     """Raise ValueError when `precision` can't run on `device` (a torch.device)."""
@@ -47,28 +43,6 @@ def check_precision(precision, device):
     if precision != "fp32" and device.type != "cuda":
         raise ValueError(f"--precision {precision} needs a CUDA GPU; on {device.type} use --precision fp32 "
                          f"(reduced precision is slower than fp32 on most CPUs)")
-
-
-def model_args(config):
-    """{'G': {...}, 'D': {...}}: the networks' architecture arguments from the flags."""
-    return {net: {arg: getattr(config, flag) for arg, flag in args.items()} for net, args in ARCH_FLAGS.items()}
-
-
-def arch_differences(stored, current):
-    """{flag: (stored value, current value)} where a checkpoint's model_args differ from the current."""
-    differ = {}
-    for net, args in ARCH_FLAGS.items():
-        saved = stored.get(net) if isinstance(stored, dict) else None
-        for arg, flag in args.items():
-            old, new = saved.get(arg) if isinstance(saved, dict) else None, current[net][arg]
-            if type(old) is not type(new) or old != new:
-                differ.setdefault(flag, (old, new))
-    return differ
-
-
-def flag_value(value):
-    """A model argument as its flag is written: [16, 32] -> '16,32', [] -> 'none'."""
-    return ",".join(map(str, value)) or "none" if isinstance(value, list) else value
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -129,7 +103,7 @@ class Trainer:
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         seed_everything(config.seed)
 
-        args = model_args(config)
+        args = config.model_args()
         self.G = Generator(**args["G"]).to(self.device)
         self.D = Discriminator(**args["D"]).to(self.device)
         if config.sync_bn and self.dist.enabled:
@@ -188,7 +162,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state(self):
-        return dict(step=self.step, config=dict(vars(self.config)),
+        return dict(step=self.step, config=self.config.to_dict(),
                     model_args=dict(G=self.G.model_args(), D=self.D.model_args()),
                     G=self.G.state_dict(), D=self.D.state_dict(),
                     opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(),
@@ -223,22 +197,9 @@ class Trainer:
 
     def resume(self):
         cfg = self.config
-        if exists(cfg.pretrained_model):
-            path = os.path.join(self.run_dir, ckpt_name(cfg.pretrained_model))
-        else:
-            path = os.path.join(self.run_dir, "latest.pt")
-        if not os.path.isfile(path):
-            steps = saved_steps(self.run_dir)
-            raise CheckpointError(f"nothing to resume: {path!r} does not exist (saved steps: "
-                                  f"{', '.join(map(str, steps)) or 'none'}); check --version and "
-                                  f"--model_save_path, or start without --resume")
+        path = resume_path(self.run_dir, cfg.pretrained_model)
         ckpt = load_checkpoint(path, training=True)
-        differ = arch_differences(ckpt["model_args"], dict(G=self.G.model_args(), D=self.D.model_args()))
-        if differ:
-            raise CheckpointError(
-                f"{path!r} was trained with " + ", ".join(f"--{k} {flag_value(old)}" for k, (old, _) in differ.items())
-                + "; resume with the same architecture flags (now: "
-                + ", ".join(f"--{k} {flag_value(new)}" for k, (_, new) in differ.items()) + ")")
+        check_architecture(ckpt, cfg, path)
         restore(self.G.load_state_dict, ckpt, "G", path)
         restore(self.D.load_state_dict, ckpt, "D", path)
         restore(self.opt_g.load_state_dict, ckpt, "opt_g", path)
@@ -276,7 +237,7 @@ class Trainer:
                 self.history = [r for r in map(parse_record, f) if r and r["step"] <= keep_until]
         # rewritten by rename: a kill in the middle must not lose the history
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
-        atomic_write_text(os.path.join(self.run_dir, "config.json"), json.dumps(vars(self.config), indent=2))
+        atomic_write_text(os.path.join(self.run_dir, "config.json"), json.dumps(self.config.to_dict(), indent=2))
 
     def attach_dashboard(self, dashboard):
         """Show the run so far (a resumed run's whole curve) on a Dashboard, then every new value."""
@@ -374,7 +335,8 @@ class Trainer:
 
     def _train(self):
         cfg, G, D, device = self.config, self.G, self.D, self.device
-        batches = training_batches(self.dataset, cfg, self.step, self.dist.rank, self.dist.world_size)
+        batches = training_batches(self.dataset, cfg.batch_size, cfg.seed, self.step, self.dist.rank,
+                                   self.dist.world_size, cfg.num_workers)
         G.train(), D.train()
         sums, n_sums, tick = {}, 0, time.time()
         if self.ema:

@@ -20,6 +20,24 @@ CELEBA_SAMPLE = ROOT.parent / "shared" / "data" / "celeba_sample"
 SMOKE = ["--preset", "smoke"]
 
 
+def run_main(tmp_path, *args, check=True, timeout=300):
+    """`python main.py --preset smoke <args>` in a real process, run folders under tmp_path/models,
+    samples under tmp_path/samples; the CompletedProcess (text output). check: fail unless it exits 0."""
+    cmd = [sys.executable, str(ROOT / "main.py"), *SMOKE, "--model_save_path", str(tmp_path / "models"),
+           "--sample_path", str(tmp_path / "samples"), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=one_thread_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def metrics(run_dir):
+    """A run folder's metrics.jsonl, every line parsed (a half-written line fails the test)."""
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
 def free_port():
     """A loopback TCP port that nothing listens on now (the OS picks it)."""
     with socket.socket() as s:

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from checkpoint import RunLock, list_checkpoints, load_checkpoint
+from checkpoint import list_checkpoints, load_checkpoint
+from run_files import RunLock
 from conftest import ROOT, SMOKE, one_thread_env
 
 ENV = one_thread_env(PYTHONUNBUFFERED="1")
