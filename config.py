@@ -26,6 +26,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
+from run_files import atomic_write_text
 from sagan_models import default_attn
 
 # named sets of defaults (--preset); flags given explicitly still win
@@ -157,6 +158,10 @@ class TrainConfig:
     def to_dict(self):
         """Plain JSON values (lists, not tuples): what config.json and every checkpoint hold."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def write_json(self, path):
+        """Save as config.json (atomically: a kill leaves the old file or the new one)."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
     def model_args(self):
         """{'G': {...}, 'D': {...}}: the networks' constructor arguments, from the fields that feed them."""
