@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,18 @@ CELEBA_SAMPLE = ROOT.parent / "shared" / "data" / "celeba_sample"
 SMOKE = ["--preset", "smoke"]
 
 
+def main_command(tmp_path, *args):
+    """`python main.py --preset smoke <args>`, run folders under tmp_path/models, samples under
+    tmp_path/samples (later flags win, so `args` can move them)."""
+    return [sys.executable, str(ROOT / "main.py"), *SMOKE, "--model_save_path", str(tmp_path / "models"),
+            "--sample_path", str(tmp_path / "samples"), *map(str, args)]
+
+
 def run_main(tmp_path, *args, check=True, timeout=300):
-    """`python main.py --preset smoke <args>` in a real process, run folders under tmp_path/models,
-    samples under tmp_path/samples; the CompletedProcess (text output). check: fail unless it exits 0."""
-    cmd = [sys.executable, str(ROOT / "main.py"), *SMOKE, "--model_save_path", str(tmp_path / "models"),
-           "--sample_path", str(tmp_path / "samples"), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=one_thread_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    """main_command run to its end in a real process (cwd tmp_path); the CompletedProcess, text
+    output. check: fail unless it exits 0."""
+    proc = subprocess.run(main_command(tmp_path, *args), cwd=tmp_path, env=one_thread_env(),
+                          capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -36,6 +42,16 @@ def metrics(run_dir):
     """A run folder's metrics.jsonl, every line parsed (a half-written line fails the test)."""
     with open(Path(run_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]
+
+
+def wait_for(cond, timeout, what="condition", proc=None):
+    """Poll cond() until it is true; fail after `timeout` seconds, or as soon as `proc` (a Popen)
+    has ended, since then it never will be."""
+    end = time.time() + timeout
+    while not cond():
+        assert proc is None or proc.poll() is None, f"the run ended (rc {proc.returncode}) before {what}"
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 def free_port():

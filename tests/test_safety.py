@@ -24,7 +24,7 @@ import main
 import visdom_server
 from checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_generator
 from cli import run
-from conftest import ROOT, SMOKE, free_port
+from conftest import ROOT, SMOKE, free_port, metrics, wait_for
 from data_loader import ImageFolderFlat, synthetic_face
 from utils import rng_state
 
@@ -56,20 +56,7 @@ def run_inprocess(args):
     return None
 
 
-def metrics(run_dir):
-    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-
-
 LOSSES = ("d_loss_real", "d_loss_fake", "d_loss", "g_loss")
-
-
-def wait_for(cond, timeout, what="condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ----------------------------------------------------------------------------- 1. SIGKILL
