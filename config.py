@@ -15,10 +15,12 @@ Values resolved at start-up. Some values are not given by the user but decided w
 number of torchrun processes. They are computed in `from_flags` (and, for older files, the same way
 in `load_config`) before the config exists, so every later reader sees one concrete value and the
 saved files record what the run actually used. To add one:
-  1. declare it: a flag whose 'auto' is resolved keeps `flag(...)`; a fact of the start that no flag
-     sets is `resolved(default, help)` (e.g. `precision_reason: str = resolved("", "why ...")`);
-  2. compute it in `_resolve` (from other values) or take it as a keyword of `from_flags` (from the
-     machine, as `world_size`), where the chosen value and any reason for it are recorded.
+  1. declare it: a flag that may say 'auto' stays a `flag(...)`; a fact of the start that no flag
+     sets is `resolved(default, help)`, e.g. `precision_reason: str = resolved("", "why this precision")`;
+  2. compute it either in `_resolve`, when it follows from other values (and must be recomputed the
+     same way for older files), or where the fact is known and pass it to `from_flags` as a keyword
+     (main.py passes world_size=... from torchrun's environment; a precision chosen for the GPU found
+     would be passed as precision=..., precision_reason=...). Keywords override the flags' values.
 """
 import argparse
 import json
@@ -150,10 +152,10 @@ class TrainConfig:
                                   "batch_size x world_size")
 
     @classmethod
-    def from_flags(cls, flags, world_size=1):
+    def from_flags(cls, flags, **facts):
         """The run's config from the parsed and checked flags (a dict): 'auto' values made concrete,
-        the facts of this start recorded. Built once; never changed afterwards."""
-        return cls(**{**_resolve(flags), "world_size": world_size})
+        and `facts` of this start (e.g. world_size=2) recorded over them. Built once; never changed."""
+        return cls(**{**_resolve(flags), **facts})
 
     def to_dict(self):
         """Plain JSON values (lists, not tuples): what config.json and every checkpoint hold."""

@@ -1,4 +1,4 @@
-"""Train SAGAN: parse arguments, check them, build the data and the trainer, run.
+"""Train SAGAN: check the flags, freeze them into the run's TrainConfig, build the data and the trainer, run.
 
     python main.py --batch_size 64 --imsize 64 --dataset celeb --adv_loss hinge --version sagan_celeb
     python main.py --preset quick      # built-in data, CPU-sized, a few minutes
@@ -30,9 +30,9 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None, world_size=1):
+def parse_args(argv=None, **facts):
     """The run's TrainConfig: flags over the preset over the defaults, checked, then resolved and
-    frozen (config.py). `world_size`: the processes torchrun started."""
+    frozen (config.py); `facts` are values decided at start-up, e.g. world_size=2 under torchrun."""
     p = build_parser()
     known, _ = p.parse_known_args(argv)
     if known.preset:
@@ -42,7 +42,7 @@ def parse_args(argv=None, world_size=1):
         check_config(flags)
     except ValueError as e:
         p.error(str(e))
-    return TrainConfig.from_flags(vars(flags), world_size=world_size)
+    return TrainConfig.from_flags(vars(flags), **facts)
 
 
 def check_config(c):

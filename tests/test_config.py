@@ -62,3 +62,4 @@ def test_older_files_load_with_defaults_for_what_they_lack():
     assert old.folders() == [("data/celebA", 140)] and old.crop_for("elsewhere") == 140
     assert old.g_attn == (16,) and old.d_attn == (8, 4) and old.world_size == 1 and old.ema_decay == 0.999
     assert load_config({}) == TrainConfig.from_flags(dataclasses.asdict(TrainConfig()))  # a seed file
+    assert TrainConfig.from_flags(dataclasses.asdict(TrainConfig()), world_size=4).world_size == 4
