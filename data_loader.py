@@ -214,7 +214,7 @@ class ImageFolders(ConcatDataset):
         return checked_item(self.datasets[k], i - (self.cumulative_sizes[k - 1] if k else 0))
 
 
-def make_dataset(kind, imsize, folders=(), synthetic_size=20_000, seed=0, cache_dir=None, num_workers=0):
+def make_dataset(kind, imsize, *, folders, synthetic_size, seed, cache_dir, num_workers):
     """The training images: kind 'synthetic', `synthetic_size` built-in faces of `seed`; kind 'celeb',
     the images of `folders` [(folder, crop)] as one dataset, decoded once into a memory-mapped cache
     under `cache_dir` (image_cache.py; None: decoded every time, by `num_workers` processes)."""

@@ -164,6 +164,8 @@ class Trainer:
                         f"nothing was saved after it, {good}")
 
     def resume(self):
+        """Continue from --pretrained_model's checkpoint, else latest.pt: everything the file holds is
+        restored (the architecture must match), except the learning rates, which the flags set."""
         cfg = self.config
         path = resume_path(self.run_dir, cfg.pretrained_model)
         ckpt = load_checkpoint(path, training=True)
