@@ -164,10 +164,8 @@ def fork_server():
 def checkpoint(tmp_path_factory):
     """A real 32px checkpoint: 4 steps of main.py on the built-in data (the explorer's tests)."""
     tmp = tmp_path_factory.mktemp("explorer")
-    cmd = [sys.executable, str(ROOT / "main.py"), *SMOKE, "--total_step", "4",
-           "--log_step", "2", "--sample_step", "4", "--model_save_step", "4", "--version", "t",
-           "--model_save_path", str(tmp / "models"), "--sample_path", str(tmp / "samples")]
-    subprocess.run(cmd, check=True, cwd=tmp, env=one_thread_env(), capture_output=True, timeout=300)
+    run_main(tmp, "--total_step", "4", "--log_step", "2", "--sample_step", "4", "--model_save_step", "4",
+             "--version", "t")
     path = tmp / "models" / "t" / "latest.pt"
     assert path.is_file()
     return str(path)

@@ -9,26 +9,22 @@ means they shift) are compared loosely, everything else tightly.
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, SMOKE, metrics, one_thread_env
+from conftest import main_command, metrics, one_thread_env
 
-ARGS = SMOKE + ["--total_step", "5", "--sample_step", "5", "--model_save_step", "1", "--sync_bn",
-                "--ema_decay", "0.9"]
+ARGS = ["--total_step", "5", "--sample_step", "5", "--model_save_step", "1", "--sync_bn", "--ema_decay", "0.9"]
 GLOBAL_BATCH = 8
 
 
 def train(tmp_path, version, nproc, *extra):
-    env = one_thread_env()
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    cmd = launcher + [os.path.join(ROOT, "main.py"), *ARGS, "--batch_size", str(GLOBAL_BATCH // nproc),
-                      "--version", version, "--model_save_path", str(tmp_path / "models"),
-                      "--sample_path", str(tmp_path / "samples"), *extra]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    python, *main = main_command(tmp_path, *ARGS, "--batch_size", GLOBAL_BATCH // nproc, "--version", version, *extra)
+    launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [python]
+    proc = subprocess.run(launcher + main, cwd=tmp_path, env=one_thread_env(), capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 
