@@ -1,18 +1,15 @@
-"""Self-describing checkpoints: one dict per file, written atomically, read without unpickling code.
+"""Self-describing checkpoints: what one holds, saving and rotating them, loading, checking, rebuilding.
 
-A checkpoint holds the config, both networks' architecture arguments and weights, the EMA generator
-(`G_ema`, when kept), both optimizers, the step and every RNG state, so a Generator can be rebuilt from the file alone and a run resumed
-exactly. `latest.pt` is a hard link to the newest complete checkpoint, swapped in by rename. One
-training process at a time holds a run folder (`RunLock`).
+A checkpoint is one dict: the config, both networks' architecture arguments and weights, the EMA
+generator (`G_ema`, when kept), both optimizers, the step and every RNG state, so a Generator can be
+rebuilt from the file alone and a run resumed exactly. It is written atomically (run_files.py) and
+read with weights_only=True (no unpickled code runs). `latest.pt` is a hard link to the newest
+complete checkpoint, swapped in by rename.
 """
-import fcntl
 import os
 import pickle
 import re
 import shutil
-import socket
-import sys
-import time
 import warnings
 from typing import NamedTuple, Optional
 
@@ -20,10 +17,11 @@ import torch
 
 import seed_formats
 from cli import UserError, reason
+from config import flag_text
+from run_files import atomic_save, fsync_dir
 from sagan_models import Discriminator, Generator
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
-TEMP_RE = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_save / point_latest temporaries: .<name>.tmp<pid>
 
 
 class CheckpointError(UserError):
@@ -32,121 +30,6 @@ class CheckpointError(UserError):
 
 def ckpt_name(step):
     return f"ckpt_{step:07d}.pt"
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform can open a directory
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path, mode, write):
-    """write(file) into a temporary file beside `path`, fsync, then rename over `path`.
-
-    A crash or a full disk leaves either the old file or the new one, never half of one.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
-
-
-def atomic_save(obj, path):
-    """torch.save `obj` to `path` atomically."""
-    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path, text):
-    """Replace a small text file (metrics, config) so that a kill leaves the old or the new one."""
-    _atomic_write(path, "w", lambda f: f.write(text))
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_stale_temps(run_dir):
-    """Delete temporaries a killed run left behind (each can be a whole checkpoint's worth of disk);
-    never those of a live process."""
-    for name in os.listdir(run_dir):
-        m = TEMP_RE.match(name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
-            try:
-                os.remove(os.path.join(run_dir, name))
-            except FileNotFoundError:
-                pass
-
-
-class RunLock:
-    """`with RunLock(run_dir):` one training run per run folder, or a UserError naming the run that
-    holds it. Two runs of one folder would overwrite each other's checkpoints and metrics.
-
-    The lock is a POSIX record lock (fcntl.lockf) on run_dir/run.lock. The kernel drops it when the
-    process ends, however it ends, so a run killed with SIGKILL never blocks --resume and there is
-    no stale lock to clean up. Not flock: its lock is shared with forked DataLoader workers, which
-    outlive a killed run by seconds. The file says who holds it, for the second run's message.
-    """
-
-    def __init__(self, run_dir):
-        self.path = os.path.join(run_dir, "run.lock")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
-            holder = self._holder()
-            os.close(self.fd)
-            raise UserError(f"run folder {run_dir!r} is in use by {holder}: a second run there would "
-                            f"overwrite its checkpoints and metrics. Wait for it to finish or stop it "
-                            f"(Ctrl-C or kill -INT: it saves first), or pass another --version") from None
-        except OSError as e:  # a file system without locks (ENOLCK): train, as before there was a lock
-            print(f"run folder {run_dir!r} cannot be locked ({e.strerror}): nothing stops a second run "
-                  f"there from overwriting this one's files", file=sys.stderr)
-            return
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
-
-    def _holder(self):
-        # read through our own descriptor: the holder writes its line just after locking
-        for _ in range(50):
-            text = os.pread(self.fd, 4096, 0).decode(errors="replace").strip()
-            if text:
-                return text
-            time.sleep(0.01)
-        return "another process (it has not written its pid yet)"
-
-    def release(self):
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)  # the file no longer names a holder
-            os.close(self.fd)  # closing drops the lock
-            self.fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-        return False
 
 
 def point_latest(run_dir, path):
@@ -162,7 +45,7 @@ def point_latest(run_dir, path):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     os.replace(tmp, latest)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     return latest
 
 
@@ -292,6 +175,28 @@ def check_model_args(model_args, arch, path):
         if not (isinstance(k, str) and (_is_int(v) or isinstance(v, list) and all(map(_is_int, v)))):
             raise CheckpointError(f"{path!r}: model_args[{arch!r}][{k!r}] is {v!r:.40} ({type(v).__name__}), "
                                   f"not an integer or a list of integers; {DAMAGED}")
+
+
+def resume_path(run_dir, step=None):
+    """The checkpoint a run resumes from: the one saved at `step`, else latest.pt; a CheckpointError
+    listing the saved steps when it does not exist."""
+    path = os.path.join(run_dir, ckpt_name(step) if step is not None else "latest.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"nothing to resume: {path!r} does not exist (saved steps: "
+                              f"{', '.join(map(str, saved_steps(run_dir))) or 'none'}); check --version and "
+                              f"--model_save_path, or start without --resume")
+    return path
+
+
+def check_architecture(ckpt, config, path):
+    """A CheckpointError naming the flags, with their old and new values, where the architecture a
+    checkpoint was trained with (its model_args) differs from `config`'s (a TrainConfig)."""
+    differ = config.arch_differences(ckpt["model_args"])
+    if differ:
+        was = ", ".join(f"--{name} {flag_text(old)}" for name, (old, _) in differ.items())
+        now = ", ".join(f"--{name} {flag_text(new)}" for name, (_, new) in differ.items())
+        raise CheckpointError(f"{path!r} was trained with {was}; resume with the same architecture "
+                              f"flags (now: {now})")
 
 
 def restore(apply, ckpt, key, path):

@@ -5,6 +5,8 @@
 - `SyntheticFaces`: the built-in dataset, procedurally generated face-like images with long-range
   rules a convolution alone gets wrong easily: both eyes share one random colour and sit
   symmetrically about the face's axis; the hair is one colour all around the face.
+- `make_dataset`: the built-in faces or the image folders, given explicitly (main.py's `dataset_for`
+  hands it the config's data flags).
 - `training_batches`: endless batches whose order is a pure function of (seed, step), so a resumed
   run sees exactly the batches the uninterrupted run would have. An unreadable file (truncated,
   corrupt, not an image, empty) is replaced by the next readable one and named once in a warning.
@@ -238,42 +240,23 @@ class ImageFolders(ConcatDataset):
         return checked_item(self.datasets[k], i - (self.cumulative_sizes[k - 1] if k else 0))
 
 
-def folder_crops(config):
-    """[(folder, crop)] of --image_path and --center_crop (one crop for every folder, or one each)."""
-    paths, crops = list(config.image_path), list(config.center_crop)
-    if len(crops) == 1:
-        crops *= len(paths)
-    if len(crops) != len(paths):
-        raise ValueError(f"--center_crop has {len(crops)} values for {len(paths)} --image_path folders: "
-                         f"give one crop for all of them or one per folder, in the same order")
-    return list(zip(paths, crops))
-
-
-def crop_for(config, folder):
-    """The crop a run (its saved config dict) used for `folder`, else its first crop (older runs
-    saved a single folder and crop)."""
-    paths, crops = config.get("image_path", []), config.get("center_crop", 160)
-    if isinstance(crops, int):
-        return crops
-    paths = [paths] if isinstance(paths, str) else paths
-    same = [c for p, c in zip(paths, crops) if os.path.abspath(p) == os.path.abspath(folder)]
-    return (same or crops)[0]
-
-
-def make_dataset(config):
-    if config.dataset == "synthetic":
-        eyes = getattr(config, "synthetic_eyes", "rule")  # configs saved before the flag existed
-        return SyntheticFaces(config.synthetic_size, config.imsize, config.seed, eyes)
-    parts = [image_folder(path, crop, config) for path, crop in folder_crops(config)]
+def make_dataset(kind, imsize, *, folders, synthetic_size, synthetic_eyes, seed, cache_dir, num_workers):
+    """The training images: kind 'synthetic', `synthetic_size` built-in faces of `seed` (irises as
+    `synthetic_eyes`: see synthetic_face); kind 'celeb',
+    the images of `folders` [(folder, crop)] as one dataset, decoded once into a memory-mapped cache
+    under `cache_dir` (image_cache.py; None: decoded every time, by `num_workers` processes)."""
+    if kind == "synthetic":
+        return SyntheticFaces(synthetic_size, imsize, seed, synthetic_eyes)
+    parts = [image_folder(path, imsize, crop, cache_dir, num_workers) for path, crop in folders]
     return parts[0] if len(parts) == 1 else ImageFolders(parts)
 
 
-def image_folder(path, crop, config):
-    folder = ImageFolderFlat(path, config.imsize, crop)
-    if config.cache == "off":
+def image_folder(path, imsize, crop, cache_dir=None, num_workers=0):
+    folder = ImageFolderFlat(path, imsize, crop)
+    if cache_dir is None:
         return folder
     try:  # decoded once into a memory-mapped file (image_cache.py)
-        return cached(folder, config.cache_dir, config.num_workers)
+        return cached(folder, cache_dir, num_workers)
     except OSError as e:  # no space, or --cache_dir not writable: training still works, slower
         print(f"image cache not used ({e}); decoding the images every step instead")
         return folder
@@ -367,19 +350,20 @@ def _ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def training_batches(dataset, config, start_step=0, rank=0, world_size=1):
-    """Endless iterator of this rank's image batches (B, 3, imsize, imsize), starting at `start_step`.
+def training_batches(dataset, batch_size, seed, start_step=0, rank=0, world_size=1, num_workers=0):
+    """Endless iterator of this rank's image batches (batch_size, 3, imsize, imsize), in the order of
+    (seed, step) from `start_step`, loaded by `num_workers` processes.
 
     Each unreadable file is named once in a warning; the number met is reported at the end of every
     epoch that met any."""
-    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start_step, rank, world_size)
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size)
     # DataLoader draws its workers' base seed from the global torch RNG unless given a generator:
     # that extra draw at every (re)start would make a resumed run's noise differ from the original.
     loader = DataLoader(_WithSkipped(dataset), batch_sampler=sampler, collate_fn=_collate,
-                        num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=config.num_workers > 0,
-                        generator=torch.Generator().manual_seed(config.seed),
-                        worker_init_fn=_ignore_stop_signals if config.num_workers > 0 else None)
+                        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed),
+                        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
     unreadable, epoch_bad = Unreadable(), set()
     for step, (images, skipped) in enumerate(loader, start=start_step + 1):
         epoch_bad |= unreadable.met(skipped)

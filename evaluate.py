@@ -22,7 +22,8 @@ from torch import nn
 
 from checkpoint import atomic_save, load_models
 from cli import Parser, UserError, reason, run
-from data_loader import ImageFolderFlat, crop_for, find_images
+from config import load_config
+from data_loader import ImageFolderFlat, find_images
 from utils import pick_device
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -212,7 +213,7 @@ def evaluate(args):
     device = pick_device(args.device)
     loaded = load_models(args.checkpoint, device, ema=not args.raw_g)
     G = loaded.G
-    crop = args.center_crop if args.center_crop is not None else crop_for(loaded.config, args.real)
+    crop = args.center_crop if args.center_crop is not None else load_config(loaded.config).crop_for(args.real)
     features = make_features(args.features, args.feature_weights).to(device)
 
     real, how = real_features(args.real, G.image_size, crop, args.num_real, features, args.batch_size,

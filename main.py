@@ -1,10 +1,9 @@
-"""Train SAGAN: parse arguments, check them, build the data and the trainer, run.
+"""Train SAGAN: check the flags, freeze them into the run's TrainConfig, build the data and the trainer, run.
 
     python main.py --batch_size 64 --imsize 64 --dataset celeb --adv_loss hinge --version sagan_celeb
     python main.py --preset quick      # built-in data, CPU-sized, a few minutes
     torchrun --nproc_per_node=8 main.py --batch_size 32 ...   # 8 GPUs, global batch 8 x 32 = 256
 """
-import argparse
 import contextlib
 import os
 import shlex
@@ -12,134 +11,43 @@ import sys
 
 import torch
 
-from checkpoint import RunLock
 from cli import Parser, UserError, run
-from data_loader import folder_crops, make_dataset
-from distributed import cleanup_distributed, setup_distributed
+from config import PRESETS, TrainConfig, add_flags, flag_text, folder_crops
+from data_loader import make_dataset
+from distributed import cleanup_distributed, dist_info, setup_distributed
+from run_files import RunLock
 from sagan_models import check_attn, check_imsize, check_patch, default_attn
 from stopping import Diverged, Interrupted
 from trainer import Trainer, check_precision
 from utils import pick_device
 
-PRESETS = {
-    # the quick start: built-in faces on a laptop CPU, leaves a checkpoint, samples and metrics
-    "quick": dict(dataset="synthetic", imsize=32, batch_size=32, g_conv_dim=32, d_conv_dim=32,
-                  total_step=1500, log_step=20, sample_step=100, model_save_step=200,
-                  version="quick", num_workers=0),
-    # the dcgan --dry-run idea: the whole path (data, both steps, log, sample, save) in seconds;
-    # what the tests and CI run
-    "smoke": dict(dataset="synthetic", imsize=32, batch_size=4, z_dim=16, g_conv_dim=8, d_conv_dim=8,
-                  synthetic_size=64, n_samples=4, num_workers=0, total_step=2, log_step=1,
-                  sample_step=2, model_save_step=2, version="smoke", no_visdom=True),
-}
-
-
-def attn_list(text):
-    """'16,32' -> [16, 32]; 'none' -> []; 'auto' -> None (the seed's placement for the image size)."""
-    text = text.strip().lower()
-    if text == "auto":
-        return None
-    if text in ("none", ""):
-        return []
-    try:
-        return [int(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of resolutions, "
-                                         f"'none' or 'auto'") from None
-
 
 def build_parser():
-    p = Parser(prog="main.py", description="Self-Attention GAN (SAGAN) training.")
-    a = p.add_argument
-    a("--preset", choices=sorted(PRESETS), help="a named set of defaults; explicit flags still win")
-    # model
-    a("--adv_loss", default="hinge", choices=["hinge", "wgan-gp"])
-    a("--imsize", type=int, default=64, help="image size: a power of two from 32 to 256")
-    a("--z_dim", type=int, default=128)
-    a("--g_conv_dim", type=int, default=64)
-    a("--d_conv_dim", type=int, default=64)
-    a("--g_attn", type=attn_list, default=None, metavar="RES[,RES]",
-      help="G feature-map resolutions with self-attention, or 'none' (default: 16,32 at 64px)")
-    a("--d_attn", type=attn_list, default=None, metavar="RES[,RES]",
-      help="D feature-map resolutions with self-attention, or 'none' (default: 8,4)")
-    a("--lambda_gp", type=float, default=10.0, help="gradient-penalty weight for wgan-gp")
-    # training
-    a("--total_step", type=int, default=1_000_000, help="generator updates to train for")
-    a("--batch_size", type=int, default=64,
-      help="images per GPU/process; under torchrun the global batch is batch_size x WORLD_SIZE")
-    a("--num_workers", type=int, default=2)
-    a("--g_lr", type=float, default=1e-4)
-    a("--d_lr", type=float, default=4e-4)
-    a("--beta1", type=float, default=0.0)
-    a("--beta2", type=float, default=0.9)
-    a("--seed", type=int, default=0)
-    a("--ema_decay", type=float, default=0.999,
-      help="keep an EMA of G's weights with this decay (0: none); samples and evaluation use it")
-    a("--ema_start", type=int, default=0, help="the EMA copies G exactly until this step")
-    a("--sync_bn", action="store_true",
-      help="under torchrun, BatchNorm statistics of G over the global batch (SyncBatchNorm)")
-    a("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    # speed (trainer.py); none of these changes the algorithm except --reuse_fake
-    a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-      help="autocast precision on CUDA (fp16 adds loss scaling); CPU runs fp32")
-    a("--channels_last", action="store_true", help="NHWC memory layout for models and batches")
-    a("--compile", action="store_true", help="torch.compile G and D (slow start, faster steps)")
-    a("--reuse_fake", action="store_true",
-      help="NOT the paper's update: the G step reuses the D step's z and fake images instead of "
-           "drawing fresh ones (saves one G forward per step)")
-    # resuming
-    a("--resume", action="store_true", help="continue from <model_save_path>/<version>/latest.pt")
-    a("--pretrained_model", type=int, default=None, metavar="STEP",
-      help="continue from the checkpoint saved at STEP")
-    # data
-    a("--dataset", default="celeb", choices=["celeb", "synthetic"])
-    a("--image_path", nargs="+", default=["dataset/celebA"], metavar="FOLDER",
-      help="folder(s) of images, any nesting; several folders train as one dataset")
-    a("--center_crop", type=int, nargs="+", default=[160], metavar="SIDE",
-      help="side of the centre square cut before resizing, one for every --image_path folder or one "
-           "each in the same order (CelebA: 160; its half-size copy: 80); 0 = largest square")
-    a("--cache", default="auto", choices=["auto", "off"],
-      help="auto: decode the image folder once into a uint8 memory-mapped cache at --imsize and "
-           "train from it (rebuilt when the images, --imsize or --center_crop change); off: decode "
-           "every image every time")
-    a("--cache_dir", default=".cache/images", help="where --cache auto keeps its files")
-    a("--synthetic_size", type=int, default=20_000, help="images in the built-in dataset")
-    a("--synthetic_eyes", default="rule", choices=["rule", "independent", "none"],
-      help="built-in faces' irises: one colour for both (the rule), one each, or none (experiments' controls)")
-    a("--d_patch", type=int, default=0, metavar="RES",
-      help="a patch D: stop at this resolution and average per-patch scores (0: the whole-image D)")
-    # outputs
-    a("--version", default="sagan_1", help="run name: folder under the save paths, visdom env")
-    a("--model_save_path", default="models")
-    a("--sample_path", default="samples")
-    a("--log_step", type=int, default=10)
-    a("--sample_step", type=int, default=100)
-    a("--model_save_step", type=int, default=1000)
-    a("--keep_last", type=int, default=0, help="keep only the newest K step checkpoints (0: all)")
-    a("--n_samples", type=int, default=64, help="fixed-z samples drawn at every --sample_step")
-    # dashboard
-    a("--no_visdom", action="store_true", help="don't talk to a visdom server")
-    a("--visdom", dest="no_visdom", action="store_false", help="talk to it even where a preset says --no_visdom")
-    a("--visdom_server", default="http://localhost")
-    a("--visdom_port", type=int, default=8097)
+    """The command line: one flag per TrainConfig field (config.py), plus --visdom."""
+    p = add_flags(Parser(prog="main.py", description="Self-Attention GAN (SAGAN) training."))
+    p.add_argument("--visdom", dest="no_visdom", action="store_false",
+                   help="talk to it even where a preset says --no_visdom")
     return p
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, **facts):
+    """The run's TrainConfig: flags over the preset over the defaults, checked, then resolved and
+    frozen (config.py); `facts` are values decided at start-up, e.g. world_size=2 under torchrun."""
     p = build_parser()
     known, _ = p.parse_known_args(argv)
     if known.preset:
         p.set_defaults(**PRESETS[known.preset])
-    config = p.parse_args(argv)
+    flags = p.parse_args(argv)
     try:
-        check_config(config)
+        check_config(flags)
     except ValueError as e:
         p.error(str(e))
-    return config
+    return TrainConfig.from_flags(vars(flags), **facts)
 
 
 def check_config(c):
-    """Every value checked before anything heavy starts; raises ValueError naming the flag."""
+    """Every flag checked before anything heavy starts; raises ValueError naming the flag. Reads
+    `c` (the parsed flags) only: the values it leaves to 'auto' are resolved by TrainConfig."""
     for name in ("total_step", "batch_size", "log_step", "sample_step", "model_save_step", "z_dim",
                  "g_conv_dim", "d_conv_dim", "synthetic_size", "n_samples", "visdom_port"):
         if getattr(c, name) <= 0:
@@ -149,7 +57,7 @@ def check_config(c):
             raise ValueError(f"--{name} must not be negative, got {getattr(c, name)}")
     if min(c.center_crop) < 0:
         raise ValueError(f"--center_crop must not be negative, got {' '.join(map(str, c.center_crop))}")
-    c.center_crop = [crop for _, crop in folder_crops(c)]
+    folder_crops(c.image_path, c.center_crop)
     for name in ("g_lr", "d_lr"):
         if not getattr(c, name) > 0:
             raise ValueError(f"--{name} must be positive, got {getattr(c, name)}")
@@ -160,14 +68,22 @@ def check_config(c):
     if c.pretrained_model is not None and c.pretrained_model <= 0:
         raise ValueError(f"--pretrained_model is a saved step (positive), got {c.pretrained_model}")
     check_imsize(c.imsize)
-    c.g_attn = sorted(default_attn(c.imsize, "g") if c.g_attn is None else c.g_attn)
-    c.d_attn = sorted(default_attn(c.imsize, "d") if c.d_attn is None else c.d_attn, reverse=True)
-    check_attn(c.imsize, c.g_attn, "g")
-    check_attn(c.imsize, c.d_attn, "d")
-    check_patch(c.imsize, c.d_patch, c.d_attn)
+    for net, attn in (("g", c.g_attn), ("d", c.d_attn)):
+        if attn is not None:  # None: 'auto', the seed's placement, valid at every image size
+            check_attn(c.imsize, attn, net)
+    check_patch(c.imsize, c.d_patch, default_attn(c.imsize, "d") if c.d_attn is None else c.d_attn)
     if not c.version or os.sep in c.version or c.version in (".", ".."):
         raise ValueError(f"--version {c.version!r} must be a plain folder name")
     check_precision(c.precision, pick_device(c.device))
+
+
+def dataset_for(config):
+    """The training images a config names: its data flags handed to data_loader.make_dataset."""
+    return make_dataset(config.dataset, config.imsize, folders=config.folders(),
+                        synthetic_size=config.synthetic_size, synthetic_eyes=config.synthetic_eyes,
+                        seed=config.seed,
+                        cache_dir=config.cache_dir if config.cache == "auto" else None,
+                        num_workers=config.num_workers)
 
 
 def check_writable(folder, flag):
@@ -183,8 +99,9 @@ def check_writable(folder, flag):
                         f"pass a folder you can write to") from None
 
 
-def check_data_size(n, config, world_size):
+def check_data_size(n, config):
     """Every step takes a whole global batch (the epoch's tail is dropped): the data must hold one."""
+    world_size = config.world_size
     if n >= config.batch_size * world_size:
         return
     where = (f"--synthetic_size {n} is" if config.dataset == "synthetic"
@@ -237,12 +154,11 @@ def make_dashboard(config, trainer):
 
 def main(argv=None):
     """Check every input, hold the run folder (one run per folder), build, train."""
-    config = parse_args(argv)
+    config = parse_args(argv, world_size=dist_info().world_size)  # the run's one config, from here on read only
     try:
         info, device = setup_distributed(config.device)
     except ValueError as e:  # a --device that torchrun's ranks cannot share
         raise UserError(str(e)) from None
-    config.world_size = info.world_size  # recorded in config.json and checkpoints: global batch
     say = print if info.is_main else (lambda *a, **k: None)  # rank 0 speaks for all
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "no CUDA GPU in use"
     ranks = f" | {info.world_size} processes, global batch {config.batch_size * info.world_size}" \
@@ -262,13 +178,13 @@ def main(argv=None):
 def fit(config, info, device, say, args):
     """Build the data and the trainer, then train; `args` is the command line, for resume hints."""
     try:
-        dataset = make_dataset(config)
-        check_data_size(len(dataset), config, info.world_size)
+        dataset = dataset_for(config)
+        check_data_size(len(dataset), config)
         trainer = Trainer(config, dataset, device, info)
     except (ValueError, FileNotFoundError) as e:  # the data's and the trainer's checks
         raise UserError(str(e)) from None
     say(f"data: {config.dataset}, {len(dataset)} images at {config.imsize}px | "
-        f"run folder: {trainer.run_dir} | attention G {config.g_attn or 'none'}, D {config.d_attn or 'none'}")
+        f"run folder: {trainer.run_dir} | attention G {flag_text(config.g_attn)}, D {flag_text(config.d_attn)}")
     dashboard = None if config.no_visdom or not info.is_main else make_dashboard(config, trainer)
     try:
         last = trainer.train()

@@ -1,6 +1,8 @@
 """The SAGAN training loop: batch -> D step -> G step -> log -> sample -> save.
 
-`step` counts finished generator updates; checkpoint N holds the state after N of them.
+`step` counts finished generator updates; checkpoint N holds the state after N of them. The
+objectives are in losses.py, the metrics record in metrics.py, what a checkpoint holds in
+checkpoint.py; the run's options arrive as one frozen TrainConfig (config.py).
 
 The speed switches are no-ops when off:
     --precision fp32|bf16|fp16   autocast around the forwards (bf16/fp16 need CUDA); fp16 adds a
@@ -12,32 +14,28 @@ input sizes never change, so the fastest convolution algorithms are picked once)
 multi-tensor update instead of a Python loop over parameters.
 """
 import contextlib
-import json
 import math
 import os
 import shutil
 import time
 
 import torch
-import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from checkpoint import (CheckpointError, atomic_write_text, ckpt_name, load_checkpoint, remove_stale_temps,
-                        restore, save_checkpoint, saved_steps)
+from checkpoint import (CheckpointError, check_architecture, ckpt_name, load_checkpoint, restore, resume_path,
+                        save_checkpoint)
 from cli import reason
 from data_loader import training_batches
 from distributed import DistInfo, max_over_ranks, mean_over_ranks, sync_batchnorm, wrap
 from ema import EMA
+from losses import D_LOSSES, g_adversarial, gradient_penalty
+from metrics import append_record, make_record, read_records, status_line, write_records
+from run_files import remove_stale_temps
 from sagan_models import Discriminator, Generator
 from stopping import Diverged, FiniteWatch, Interrupted, StopSignals, params_finite
 from utils import default, denorm, exists, pick_device, rng_state, seed_everything, set_rng_state
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# each network's architecture arguments and the flags they come from: a checkpoint stores the
-# arguments (model_args), resume compares them and names the flags that differ
-ARCH_FLAGS = {"G": dict(image_size="imsize", z_dim="z_dim", conv_dim="g_conv_dim", attn_res="g_attn"),
-              "D": dict(image_size="imsize", conv_dim="d_conv_dim", attn_res="d_attn", patch_res="d_patch")}
 
 
 def check_precision(precision, device):
@@ -49,69 +47,13 @@ def check_precision(precision, device):
                          f"(reduced precision is slower than fp32 on most CPUs)")
 
 
-def model_args(config):
-    """{'G': {...}, 'D': {...}}: the networks' architecture arguments from the flags."""
-    return {net: {arg: getattr(config, flag) for arg, flag in args.items()} for net, args in ARCH_FLAGS.items()}
-
-
-def arch_differences(stored, current):
-    """{flag: (stored value, current value)} where a checkpoint's model_args differ from the current."""
-    differ = {}
-    for net, args in ARCH_FLAGS.items():
-        saved = stored.get(net) if isinstance(stored, dict) else None
-        for arg, flag in args.items():
-            old, new = saved.get(arg) if isinstance(saved, dict) else None, current[net].get(arg)
-            if type(old) is not type(new) or old != new:
-                differ.setdefault(flag, (old, new))
-    return differ
-
-
-def flag_value(value):
-    """A model argument as its flag is written: [16, 32] -> '16,32', [] -> 'none'."""
-    return ",".join(map(str, value)) or "none" if isinstance(value, list) else value
-
-
-# ----------------------------------------------------------------------------- objectives
-
-def d_hinge(real_out, fake_out):
-    return F.relu(1.0 - real_out).mean(), F.relu(1.0 + fake_out).mean()
-
-
-def d_wasserstein(real_out, fake_out):
-    return -real_out.mean(), fake_out.mean()
-
-
-def g_adversarial(fake_out):
-    # the generator loss of both hinge and wgan-gp
-    return -fake_out.mean()
-
-
-def gradient_penalty(D, real, fake, alpha=None):
-    """WGAN-GP: (||grad_x D(x)||_2 - 1)^2 at random points between real and fake images;
-    alpha (B, 1, 1, 1) in [0, 1] says where, drawn here when not given."""
-    if alpha is None:
-        alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
-    x = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
-    grad, = torch.autograd.grad(D(x).sum(), x, create_graph=True)
-    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
-
-
-D_LOSSES = {"hinge": d_hinge, "wgan-gp": d_wasserstein}
-
-
-def parse_record(line):
-    """One metrics.jsonl line as a dict; None for the half-written last line a kill can leave."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
-
-
-def gammas(G, D):
-    """{'gamma/G16': ..., 'gamma/D8': ...}: how much each attention layer contributes."""
-    out = {f"gamma/G{r}": m.gamma.item() for r, m in G.attn.items()}
-    out.update({f"gamma/D{r}": m.gamma.item() for r, m in D.attn.items()})
-    return out
+def update(opt, scaler, loss):
+    """One optimizer step on `loss`: clear the gradients, backward (scaled under fp16), step, and let
+    the scaler adjust its scale (with fp32/bf16 the scaler passes everything through)."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
 
 
 class Trainer:
@@ -129,7 +71,7 @@ class Trainer:
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         seed_everything(config.seed)
 
-        args = model_args(config)
+        args = config.model_args()
         self.G = Generator(**args["G"]).to(self.device)
         self.D = Discriminator(**args["D"]).to(self.device)
         if config.sync_bn and self.dist.enabled:
@@ -154,6 +96,7 @@ class Trainer:
         self.watch = FiniteWatch(self.device)
         self.last_saved = None  # (step, path) of the newest checkpoint known to be good
         self.ema = EMA(self.G, config.ema_decay, config.ema_start) if config.ema_decay > 0 else None
+        self._bn_step = None  # the step the EMA G's BatchNorm statistics were last made its own
 
         if config.resume or exists(config.pretrained_model):
             self.resume()
@@ -188,7 +131,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state(self):
-        return dict(step=self.step, config=dict(vars(self.config)),
+        return dict(step=self.step, config=self.config.to_dict(),
                     model_args=dict(G=self.G.model_args(), D=self.D.model_args()),
                     G=self.G.state_dict(), D=self.D.state_dict(),
                     opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(),
@@ -202,6 +145,8 @@ class Trainer:
         bad = self.watch.bad_step()
         if exists(bad) or not params_finite(self.G, self.D):
             raise self.diverged(default(bad, self.step))
+        if self.ema:
+            self.ema_generator()  # the saved EMA G normalises with its own statistics
         try:
             path = save_checkpoint(self.state(), self.run_dir, self.config.keep_last)
         except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as RuntimeError
@@ -222,23 +167,12 @@ class Trainer:
                         f"nothing was saved after it, {good}")
 
     def resume(self):
+        """Continue from --pretrained_model's checkpoint, else latest.pt: everything the file holds is
+        restored (the architecture must match), except the learning rates, which the flags set."""
         cfg = self.config
-        if exists(cfg.pretrained_model):
-            path = os.path.join(self.run_dir, ckpt_name(cfg.pretrained_model))
-        else:
-            path = os.path.join(self.run_dir, "latest.pt")
-        if not os.path.isfile(path):
-            steps = saved_steps(self.run_dir)
-            raise CheckpointError(f"nothing to resume: {path!r} does not exist (saved steps: "
-                                  f"{', '.join(map(str, steps)) or 'none'}); check --version and "
-                                  f"--model_save_path, or start without --resume")
+        path = resume_path(self.run_dir, cfg.pretrained_model)
         ckpt = load_checkpoint(path, training=True)
-        differ = arch_differences(ckpt["model_args"], dict(G=self.G.model_args(), D=self.D.model_args()))
-        if differ:
-            raise CheckpointError(
-                f"{path!r} was trained with " + ", ".join(f"--{k} {flag_value(old)}" for k, (old, _) in differ.items())
-                + "; resume with the same architecture flags (now: "
-                + ", ".join(f"--{k} {flag_value(new)}" for k, (_, new) in differ.items()) + ")")
+        check_architecture(ckpt, cfg, path)
         restore(self.G.load_state_dict, ckpt, "G", path)
         restore(self.D.load_state_dict, ckpt, "D", path)
         restore(self.opt_g.load_state_dict, ckpt, "opt_g", path)
@@ -265,18 +199,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
     def _start_metrics(self, keep_until=None):
-        """Open metrics.jsonl; on resume drop lines past the checkpoint (those steps run again)."""
+        """Write config.json and open metrics.jsonl; on resume drop the records past the checkpoint
+        (those steps run again)."""
         self.history = []
         if not self.dist.is_main:
             return
         os.makedirs(self.run_dir, exist_ok=True)
         remove_stale_temps(self.run_dir)
-        if exists(keep_until) and os.path.exists(self.metrics_path):
-            with open(self.metrics_path) as f:
-                self.history = [r for r in map(parse_record, f) if r and r["step"] <= keep_until]
-        # rewritten by rename: a kill in the middle must not lose the history
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
-        atomic_write_text(os.path.join(self.run_dir, "config.json"), json.dumps(vars(self.config), indent=2))
+        if exists(keep_until):
+            self.history = read_records(self.metrics_path, until=keep_until)
+        write_records(self.metrics_path, self.history)
+        self.config.write_json(os.path.join(self.run_dir, "config.json"))
 
     def attach_dashboard(self, dashboard):
         """Show the run so far (a resumed run's whole curve) on a Dashboard, then every new value."""
@@ -290,14 +223,21 @@ class Trainer:
             self.dashboard.scalars("gamma", record["step"], record)
 
     def log(self, record):
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(self.metrics_path, record)
         self._to_dashboard(record)
 
     @torch.no_grad()
+    def ema_generator(self):
+        """The EMA G with BatchNorm statistics of its own (EMA.recompute_bn_stats: the copied ones
+        are the trained G's), recomputed once per step at which it is sampled or saved."""
+        if self._bn_step != self.step:
+            self.ema.recompute_bn_stats(num_batches=4, batch=64, seed=self.config.seed)
+            self._bn_step = self.step
+        return self.ema.model
+
     def sample(self):
         """The fixed-z grid, drawn by the EMA generator when there is one."""
-        G = self.ema.model if self.ema else self.G
+        G = self.ema_generator() if self.ema else self.G
         was_training = G.training
         G.eval()
         images = denorm(G(self.fixed_z))
@@ -314,57 +254,67 @@ class Trainer:
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, real):
-        """One D update then one G update on a batch `real` already on the device.
+        """The paper's update on a batch `real` already on the device: one D step on G(z) drawn
+        without gradients, then one G step on a fresh z (--reuse_fake: `step_reusing_fake`).
 
         Returns the losses as 0-dim tensors, left on the device: reading them would wait for the
         GPU, so the loop only does that at log steps.
         """
-        cfg = self.config
-        B = real.shape[0]
-        if cfg.channels_last:
+        B, z_dim = real.shape[0], self.config.z_dim
+        if self.config.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
+        if self.config.reuse_fake:
+            return self.step_reusing_fake(real)
 
         # ================== D step: push D(real) up, D(G(z)) down ================== #
-        z = self.noise((B, cfg.z_dim))
-        if cfg.reuse_fake:
-            with self.autocast:
-                fake_for_g = self.G_ddp(z)  # graph kept: the G step backpropagates through these images
-            fake = fake_for_g.detach()
-        else:
-            with torch.no_grad(), self.autocast:
-                fake = self.G(z)  # no gradients: nothing for DDP to average
+        with torch.no_grad(), self.autocast:
+            fake = self.G(self.noise((B, z_dim)))  # no gradients: nothing for DDP to average
+        losses = self.d_step(real, fake)
+
+        # ================== G step: fresh z, push D(G(z)) up ================== #
+        with self.autocast:
+            fake = self.G_ddp(self.noise((B, z_dim)))
+        losses["g_loss"] = self.g_step(fake)
+        return losses
+
+    def step_reusing_fake(self, real):
+        """--reuse_fake, NOT the paper's update: one z and one G forward serve both steps (the G
+        step backpropagates through the images D was just trained on), saving a G forward."""
+        with self.autocast:
+            fake = self.G_ddp(self.noise((real.shape[0], self.config.z_dim)))  # graph kept for the G step
+        losses = self.d_step(real, fake.detach())
+        losses["g_loss"] = self.g_step(fake)
+        return losses
+
+    def d_step(self, real, fake):
+        """One D update on real and fake images (no graph back to G); D's losses, detached."""
+        cfg, B = self.config, real.shape[0]
         with self.autocast:
             # real and fake in one forward: D has no batch-dependent layers, so the scores are the
             # same as from two forwards, and spectral norm runs one power iteration per D update
             # (Miyato et al.'s Algorithm 1) instead of one per forward
-            scores = self.D_ddp(torch.cat([real, fake])).float()
+            scores = self.D_ddp(torch.cat([real, fake])).float()  # (2B,)
         d_loss_real, d_loss_fake = D_LOSSES[cfg.adv_loss](scores[:B], scores[B:])
         d_loss = d_loss_real + d_loss_fake
-        losses = dict(d_loss_real=d_loss_real, d_loss_fake=d_loss_fake)
+        losses = dict(d_loss_real=d_loss_real.detach(), d_loss_fake=d_loss_fake.detach())
         if cfg.adv_loss == "wgan-gp":
             with self.autocast:
                 # the plain D: the penalty's parameter gradients reach DDP's hooks in d_loss.backward()
-                losses["d_gp"] = gradient_penalty(self.D, real, fake, self.uniform((B, 1, 1, 1))).float()
-            d_loss = d_loss + cfg.lambda_gp * losses["d_gp"]
-        self.opt_d.zero_grad(set_to_none=True)
-        self.scaler_d.scale(d_loss).backward()
-        self.scaler_d.step(self.opt_d)
-        self.scaler_d.update()
+                gp = gradient_penalty(self.D, real, fake, self.uniform((B, 1, 1, 1))).float()
+            d_loss = d_loss + cfg.lambda_gp * gp
+            losses["d_gp"] = gp.detach()
+        update(self.opt_d, self.scaler_d, d_loss)
+        return dict(losses, d_loss=d_loss.detach())
 
-        # ================== G step: fresh z, push D(G(z)) up ================== #
-        # the plain D: its gradients here would be thrown away, so DDP must not wait for them
+    def g_step(self, fake):
+        """One G update on `fake` = G(z) with its graph, scored by D held fixed; G's loss, detached."""
+        # the plain D, frozen: its gradients here would be thrown away, so DDP must not wait for them
         self.D.requires_grad_(False)
         with self.autocast:
-            fake = fake_for_g if cfg.reuse_fake else self.G_ddp(self.noise((B, cfg.z_dim)))
             g_loss = g_adversarial(self.D(fake).float())
-        self.opt_g.zero_grad(set_to_none=True)
-        self.scaler_g.scale(g_loss).backward()
-        self.scaler_g.step(self.opt_g)
-        self.scaler_g.update()
+        update(self.opt_g, self.scaler_g, g_loss)
         self.D.requires_grad_(True)
-
-        losses.update(d_loss=d_loss.detach(), g_loss=g_loss.detach())
-        return losses
+        return g_loss.detach()
 
     # ------------------------------------------------------------------ the loop
     def train(self):
@@ -374,7 +324,8 @@ class Trainer:
 
     def _train(self):
         cfg, G, D, device = self.config, self.G, self.D, self.device
-        batches = training_batches(self.dataset, cfg, self.step, self.dist.rank, self.dist.world_size)
+        batches = training_batches(self.dataset, cfg.batch_size, cfg.seed, self.step, self.dist.rank,
+                                   self.dist.world_size, cfg.num_workers)
         G.train(), D.train()
         sums, n_sums, tick = {}, 0, time.time()
         if self.ema:
@@ -390,14 +341,12 @@ class Trainer:
 
             # ================== log / sample / save ================== #
             for k, v in losses.items():  # summed on device: no sync until a log step
-                sums[k] = sums.get(k, 0.0) + v.detach()
+                sums[k] = sums.get(k, 0.0) + v
             n_sums += 1
             self.watch.update(self.step, losses)  # also on device; read at log and save
             if self.step % cfg.log_step == 0 or self.step == cfg.total_step:
-                now = time.time()
                 means = mean_over_ranks({k: v / n_sums for k, v in sums.items()})  # the global batch's
-                record = {"step": self.step, **{k: v.item() for k, v in means.items()},
-                          **gammas(G, D), "it_s": n_sums / (now - tick), "time": now}
+                record = make_record(self.step, {k: v.item() for k, v in means.items()}, G, D, n_sums, tick)
                 if self.dist.is_main:
                     self.log(record)
                     print(status_line(record, cfg.total_step), flush=True)
@@ -416,11 +365,3 @@ class Trainer:
                     self.save()
                 raise Interrupted(signum, self.step, self.last_saved[1] if self.last_saved else None)
         return self.last_saved[1] if self.last_saved else None
-
-
-def status_line(r, total):
-    gam = " ".join(f"{k[6:]} {v:+.3f}" for k, v in r.items() if k.startswith("gamma/"))
-    gp = f" gp {r['d_gp']:.3f}" if "d_gp" in r else ""
-    return (f"step {r['step']}/{total} | {r['it_s']:.2f} it/s | D {r['d_loss']:.4f} "
-            f"(real {r['d_loss_real']:.4f} fake {r['d_loss_fake']:.4f}{gp}) | G {r['g_loss']:.4f} | "
-            f"gamma {gam or '(no attention)'}")

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,39 @@ CELEBA_SAMPLE = ROOT.parent / "shared" / "data" / "celeba_sample"
 # The tiny run every test trains: main.py's smoke preset (built-in faces, 32px, widths 8, z_dim 16,
 # batch 4, 2 steps, no dashboard). Flags after it win over the preset's values.
 SMOKE = ["--preset", "smoke"]
+
+
+def main_command(tmp_path, *args):
+    """`python main.py --preset smoke <args>`, run folders under tmp_path/models, samples under
+    tmp_path/samples (later flags win, so `args` can move them)."""
+    return [sys.executable, str(ROOT / "main.py"), *SMOKE, "--model_save_path", str(tmp_path / "models"),
+            "--sample_path", str(tmp_path / "samples"), *map(str, args)]
+
+
+def run_main(tmp_path, *args, check=True, timeout=300):
+    """main_command run to its end in a real process (cwd tmp_path); the CompletedProcess, text
+    output. check: fail unless it exits 0."""
+    proc = subprocess.run(main_command(tmp_path, *args), cwd=tmp_path, env=one_thread_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def metrics(run_dir):
+    """A run folder's metrics.jsonl, every line parsed (a half-written line fails the test)."""
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def wait_for(cond, timeout, what="condition", proc=None):
+    """Poll cond() until it is true; fail after `timeout` seconds, or as soon as `proc` (a Popen)
+    has ended, since then it never will be."""
+    end = time.time() + timeout
+    while not cond():
+        assert proc is None or proc.poll() is None, f"the run ended (rc {proc.returncode}) before {what}"
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 def free_port():
@@ -130,10 +164,8 @@ def fork_server():
 def checkpoint(tmp_path_factory):
     """A real 32px checkpoint: 4 steps of main.py on the built-in data (the explorer's tests)."""
     tmp = tmp_path_factory.mktemp("explorer")
-    cmd = [sys.executable, str(ROOT / "main.py"), *SMOKE, "--total_step", "4",
-           "--log_step", "2", "--sample_step", "4", "--model_save_step", "4", "--version", "t",
-           "--model_save_path", str(tmp / "models"), "--sample_path", str(tmp / "samples")]
-    subprocess.run(cmd, check=True, cwd=tmp, env=one_thread_env(), capture_output=True, timeout=300)
+    run_main(tmp, "--total_step", "4", "--log_step", "2", "--sample_step", "4", "--model_save_step", "4",
+             "--version", "t")
     path = tmp / "models" / "t" / "latest.pt"
     assert path.is_file()
     return str(path)

@@ -106,8 +106,8 @@ def framed_face(size):
 
 
 def test_two_folders_each_with_its_own_crop(tmp_path):
-    from data_loader import ImageFolders, crop_for, make_dataset
-    from main import parse_args
+    from data_loader import ImageFolders
+    from main import dataset_for, parse_args
 
     full, half = tmp_path / "full", tmp_path / "half"
     for folder, size, n in ((full, (178, 218), 3), (half, (89, 109), 5)):
@@ -116,7 +116,7 @@ def test_two_folders_each_with_its_own_crop(tmp_path):
             framed_face(size).save(folder / f"{i:06d}.jpg", quality=95)
     config = parse_args(["--image_path", str(full), str(half), "--center_crop", "160", "80",
                          "--imsize", "32", "--cache", "off"])
-    ds = make_dataset(config)
+    ds = dataset_for(config)
     assert isinstance(ds, ImageFolders) and len(ds) == 8
     a, b = ds[0], ds[7]  # one image of each folder
     for x in (a, b):
@@ -125,9 +125,9 @@ def test_two_folders_each_with_its_own_crop(tmp_path):
     assert (a - b).abs().mean() < 0.1  # the two resolutions frame the face alike
     image, skipped = ds.checked_item(7)
     assert torch.equal(image, b) and skipped == []
-    assert crop_for(vars(config), str(half)) == 80 and crop_for(vars(config), str(full)) == 160
+    assert config.crop_for(str(half)) == 80 and config.crop_for(str(full)) == 160
     # one crop for both: the half-size images keep their green frame
-    wrong = make_dataset(parse_args(["--image_path", str(full), str(half), "--center_crop", "160",
+    wrong = dataset_for(parse_args(["--image_path", str(full), str(half), "--center_crop", "160",
                                      "--imsize", "32", "--cache", "off"]))
     assert wrong[7][1].max() > 0.5
 

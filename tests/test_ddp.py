@@ -6,37 +6,27 @@ conv biases that feed a BatchNorm: BatchNorm subtracts them again, so their true
 zero and Adam turns the float noise left in it into steps of about lr; those biases (and the running
 means they shift) are compared loosely, everything else tightly.
 """
-import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, SMOKE, one_thread_env
+from conftest import main_command, metrics, one_thread_env
 
-ARGS = SMOKE + ["--total_step", "5", "--sample_step", "5", "--model_save_step", "1", "--sync_bn",
-                "--ema_decay", "0.9"]
+ARGS = ["--total_step", "5", "--sample_step", "5", "--model_save_step", "1", "--sync_bn", "--ema_decay", "0.9"]
 GLOBAL_BATCH = 8
 
 
 def train(tmp_path, version, nproc, *extra):
-    env = one_thread_env()
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    cmd = launcher + [os.path.join(ROOT, "main.py"), *ARGS, "--batch_size", str(GLOBAL_BATCH // nproc),
-                      "--version", version, "--model_save_path", str(tmp_path / "models"),
-                      "--sample_path", str(tmp_path / "samples"), *extra]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    python, *main = main_command(tmp_path, *ARGS, "--batch_size", GLOBAL_BATCH // nproc, "--version", version, *extra)
+    launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [python]
+    proc = subprocess.run(launcher + main, cwd=tmp_path, env=one_thread_env(), capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
-
-
-def metrics(tmp_path, version):
-    with open(tmp_path / "models" / version / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
 
 
 def ckpt(tmp_path, version, step):
@@ -102,8 +92,8 @@ def test_two_gloo_processes_train_like_one_and_resume_each_other(tmp_path):
 
     # the same global batches, noise and averaged gradients: the same run on 1 and 2 processes
     assert out_b.count("resumed from") == 1 and out_c.count("resumed from") == 1
-    assert_same_losses(metrics(tmp_path, "A"), metrics(tmp_path, "B"), "2 then 1 process")
+    assert_same_losses(metrics(tmp_path / "models" / "A"), metrics(tmp_path / "models" / "B"), "2 then 1 process")
     for step in (3, 4, 5):
         assert_same_run(ckpt(tmp_path, "A", step), ckpt(tmp_path, "B", step), f"2 -> 1 process, step {step}")
     assert_same_run(a5, ckpt(tmp_path, "C", 5), "1 -> 2 processes, step 5")
-    assert_same_losses(metrics(tmp_path, "A"), metrics(tmp_path, "C"), "1 then 2 processes")
+    assert_same_losses(metrics(tmp_path / "models" / "A"), metrics(tmp_path / "models" / "C"), "1 then 2 processes")

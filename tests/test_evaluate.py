@@ -16,10 +16,10 @@ from PIL import Image
 
 from checkpoint import load_checkpoint, load_generator
 from conftest import ROOT, SMOKE, one_thread_env
-from data_loader import SyntheticFaces, make_dataset
+from data_loader import SyntheticFaces
 from ema import EMA
 from evaluate import RandomConvFeatures, fake_batches, real_features, to_uint8
-from main import parse_args
+from main import dataset_for, parse_args
 from sagan_models import Generator
 from trainer import Trainer
 
@@ -32,7 +32,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     config = parse_args([*SMOKE, "--synthetic_size", "32", "--total_step", "3", "--sample_step", "3",
                          "--model_save_step", "3", "--ema_decay", "0.5", "--version", "ev", "--model_save_path", str(tmp / "models"), "--sample_path", str(tmp / "samples")])
-    trainer = Trainer(config, make_dataset(config))
+    trainer = Trainer(config, dataset_for(config))
     ckpt = trainer.train()
     real = tmp / "real" / "nested"
     real.mkdir(parents=True)

@@ -5,38 +5,25 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 
-from checkpoint import RunLock, list_checkpoints, load_checkpoint
-from conftest import ROOT, SMOKE, one_thread_env
+from checkpoint import list_checkpoints, load_checkpoint
+from conftest import ROOT, main_command, metrics, one_thread_env, wait_for
+from run_files import RunLock
 
 ENV = one_thread_env(PYTHONUNBUFFERED="1")
-
-
-def smoke(tmp_path, *args):
-    return [sys.executable, "main.py", *SMOKE, "--model_save_path", str(tmp_path / "models"),
-            "--sample_path", str(tmp_path / "samples"), *args]
-
-
-def wait_for(cond, proc, what, timeout=180):
-    end = time.time() + timeout
-    while not cond():
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {what}"
-        assert time.time() < end, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_finishes_intact(tmp_path):
     run_dir = tmp_path / "models" / "smoke"
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(smoke(tmp_path, "--total_step", "12", "--model_save_step", "4"), cwd=ROOT,
+    first = subprocess.Popen(main_command(tmp_path, "--total_step", "12", "--model_save_step", "4"), cwd=ROOT,
                              env=ENV, stdout=log, stderr=subprocess.STDOUT)
     lock = run_dir / "run.lock"
-    wait_for(lambda: lock.exists() and f"pid {first.pid} " in lock.read_text(), first, "the first run's lock")
+    wait_for(lambda: lock.exists() and f"pid {first.pid} " in lock.read_text(), 180, "the first run's lock",
+             proc=first)
     os.kill(first.pid, signal.SIGSTOP)  # holds the folder for as long as the second run needs to start
     try:
-        second = subprocess.run(smoke(tmp_path, "--total_step", "12"), cwd=ROOT, env=ENV, capture_output=True,
+        second = subprocess.run(main_command(tmp_path, "--total_step", "12"), cwd=ROOT, env=ENV, capture_output=True,
                                 text=True, timeout=300)
     finally:
         os.kill(first.pid, signal.SIGCONT)
@@ -48,7 +35,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_finishes_intac
     assert "step" not in second.stdout.replace("device", "")  # refused before building anything
 
     assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()
-    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    records = metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, 13))  # written once each, by the first run only
     assert [load_checkpoint(p)["step"] for p in list_checkpoints(run_dir)] == [4, 8, 12]
     assert load_checkpoint(str(run_dir / "latest.pt"))["step"] == 12
@@ -59,18 +46,18 @@ def test_a_run_killed_with_sigkill_never_blocks_resume(tmp_path):
     """Its DataLoader worker outlives it for a few seconds: the lock must not be the worker's too."""
     run_dir = tmp_path / "models" / "smoke"
     log = open(tmp_path / "killed.log", "w")
-    killed = subprocess.Popen(smoke(tmp_path, "--total_step", "100000", "--model_save_step", "2",
+    killed = subprocess.Popen(main_command(tmp_path, "--total_step", "100000", "--model_save_step", "2",
                                     "--num_workers", "1"), cwd=ROOT, env=ENV, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: (run_dir / "latest.pt").exists(), killed, "a checkpoint")
+        wait_for(lambda: (run_dir / "latest.pt").exists(), 180, "a checkpoint", proc=killed)
         os.kill(killed.pid, signal.SIGKILL)  # the run only: its worker is left to notice by itself
         killed.wait(timeout=60)
         os.killpg(killed.pid, 0)  # the worker is still there (it looks for its parent every 5 s)...
         with RunLock(str(run_dir)):  # ...and the folder is free all the same
             pass
         step = load_checkpoint(str(run_dir / "latest.pt"))["step"]
-        resumed = subprocess.run(smoke(tmp_path, "--resume", "--total_step", str(step + 2)), cwd=ROOT,
+        resumed = subprocess.run(main_command(tmp_path, "--resume", "--total_step", str(step + 2)), cwd=ROOT,
                                  env=ENV, capture_output=True, text=True, timeout=300)
     finally:
         try:

@@ -24,7 +24,7 @@ import main
 import visdom_server
 from checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_generator
 from cli import run
-from conftest import ROOT, SMOKE, free_port
+from conftest import ROOT, SMOKE, free_port, metrics, wait_for
 from data_loader import ImageFolderFlat, synthetic_face
 from utils import rng_state
 
@@ -56,20 +56,7 @@ def run_inprocess(args):
     return None
 
 
-def metrics(run_dir):
-    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-
-
 LOSSES = ("d_loss_real", "d_loss_fake", "d_loss", "g_loss")
-
-
-def wait_for(cond, timeout, what="condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ----------------------------------------------------------------------------- 1. SIGKILL
@@ -209,17 +196,16 @@ def test_every_random_source_is_restored_on_resume(tmp_path):
     """The training step uses only torch's RNG; numpy's and python's are restored too (user code,
     augmentations). The original run consumes them before saving; resuming must give them back."""
     from trainer import Trainer
-    from data_loader import make_dataset
     config = main.parse_args(TINY + out_args(tmp_path) + ["--total_step", "2", "--model_save_step", "2"])
-    Trainer(config, make_dataset(config)).train()
-    trainer = Trainer(config, make_dataset(config))
+    Trainer(config, main.dataset_for(config)).train()
+    trainer = Trainer(config, main.dataset_for(config))
     trainer.G(torch.randn(2, config.z_dim))  # advance every source past its seeded state
     np.random.rand(7), random.random()
     saved = rng_state()
     trainer.save()
     torch.manual_seed(123), np.random.seed(123), random.seed(123)
     config = main.parse_args(TINY + out_args(tmp_path) + ["--total_step", "2", "--resume"])
-    Trainer(config, make_dataset(config))
+    Trainer(config, main.dataset_for(config))
     now = rng_state()
     assert torch.equal(now["torch"], saved["torch"])
     assert now["numpy"][0] == saved["numpy"][0] and torch.equal(now["numpy"][1], saved["numpy"][1])
@@ -229,7 +215,6 @@ def test_every_random_source_is_restored_on_resume(tmp_path):
 
 def test_resume_checks_the_stored_architecture_and_starts_a_missing_ema_from_g(tmp_path):
     from trainer import Trainer
-    from data_loader import make_dataset
     args = TINY + out_args(tmp_path) + ["--total_step", "2", "--model_save_step", "2", "--g_attn", "8,16"]
     assert run_inprocess(args + ["--ema_decay", "0"]) is None
     # the checkpoint's model_args, not its config, say what was trained; the flags that differ are named
@@ -239,7 +224,7 @@ def test_resume_checks_the_stored_architecture_and_starts_a_missing_ema_from_g(t
     assert "(now: --g_conv_dim 16, --g_attn 16, --d_attn none)" in msg, msg
     # a run that kept no EMA so far: the EMA starts from the resumed G, not from a fresh one
     config = main.parse_args(args + ["--resume", "--ema_decay", "0.9"])
-    trainer = Trainer(config, make_dataset(config))
+    trainer = Trainer(config, main.dataset_for(config))
     G, ema = trainer.G.state_dict(), trainer.ema.state_dict()
     assert trainer.step == 2 and all(torch.equal(G[k], ema[k]) for k in G)
 
@@ -346,10 +331,9 @@ def test_nan_stops_naming_step_and_last_good_checkpoint_never_saved(tmp_path, lo
 def test_resume_takes_the_learning_rate_from_the_command_line(tmp_path):
     """After a divergence the advice is a lower lr: the optimizer state must not bring back the old."""
     from trainer import Trainer
-    from data_loader import make_dataset
     assert run_inprocess(TINY + out_args(tmp_path) + ["--total_step", "1", "--model_save_step", "1"]) is None
     config = main.parse_args(TINY + out_args(tmp_path) + ["--resume", "--g_lr", "3e-5", "--d_lr", "7e-5"])
-    t = Trainer(config, make_dataset(config))
+    t = Trainer(config, main.dataset_for(config))
     assert [g["lr"] for g in t.opt_g.param_groups] == [3e-5] and [g["lr"] for g in t.opt_d.param_groups] == [7e-5]
 
 

@@ -8,22 +8,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, load_generator
-from conftest import CELEBA_SAMPLE, ROOT, SMOKE, free_port
-
-
-
-def run_main(tmp_path, *args, check=True, timeout=300):
-    cmd = [sys.executable, str(ROOT / "main.py"), *SMOKE, "--model_save_path", str(tmp_path / "models"),
-           "--sample_path", str(tmp_path / "samples"), *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def metrics(run_dir):
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+from conftest import CELEBA_SAMPLE, SMOKE, free_port, metrics, run_main
 
 
 def test_short_run_writes_samples_metrics_checkpoint_and_resumes(tmp_path):

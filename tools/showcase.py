@@ -20,7 +20,7 @@ import sys
 
 from cli import Parser, UserError, run
 from explorer import SHOWCASE, export_models
-from trainer import parse_record
+from metrics import read_records
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 ASSETS = os.path.dirname(SHOWCASE)
@@ -60,10 +60,9 @@ def train(args):
 def training_time(metrics_path):
     """Seconds spent in training steps (startup, sampling and saving excluded), from metrics.jsonl."""
     total, last = 0.0, 0
-    with open(metrics_path) as f:
-        for r in filter(None, map(parse_record, f)):  # a killed run can leave half a last line
-            total += (r["step"] - last) / r["it_s"]
-            last = r["step"]
+    for r in read_records(metrics_path):
+        total += (r["step"] - last) / r["it_s"]
+        last = r["step"]
     return total, last
 
 
