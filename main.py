@@ -12,13 +12,14 @@ import sys
 
 import torch
 
+import precision
 from checkpoint import RunLock
 from cli import Parser, UserError, run
 from data_loader import folder_crops, make_dataset
 from distributed import cleanup_distributed, setup_distributed
 from sagan_models import check_attn, check_imsize, default_attn
 from stopping import Diverged, Interrupted
-from trainer import Trainer, check_precision
+from trainer import Trainer
 from utils import pick_device
 
 PRESETS = {
@@ -80,8 +81,9 @@ def build_parser():
       help="under torchrun, BatchNorm statistics of G over the global batch (SyncBatchNorm)")
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     # speed (trainer.py); none of these changes the algorithm except --reuse_fake
-    a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-      help="autocast precision on CUDA (fp16 adds loss scaling); CPU runs fp32")
+    a("--precision", default="fp32", choices=precision.CHOICES,
+      help="fp32; bf16 autocast (CPU or CUDA); fp16 autocast + loss scaling (CUDA); auto: bf16 where "
+           "the GPU supports it or the CPU has bf16 units and a startup probe finds it faster, else fp32")
     a("--channels_last", action="store_true", help="NHWC memory layout for models and batches")
     a("--compile", action="store_true", help="torch.compile G and D (slow start, faster steps)")
     a("--reuse_fake", action="store_true",
@@ -162,7 +164,7 @@ def check_config(c):
     check_attn(c.imsize, c.d_attn, "d")
     if not c.version or os.sep in c.version or c.version in (".", ".."):
         raise ValueError(f"--version {c.version!r} must be a plain folder name")
-    check_precision(c.precision, pick_device(c.device))
+    c.precision, c.precision_reason = precision.resolve(c.precision, pick_device(c.device))
 
 
 def check_writable(folder, flag):
@@ -243,6 +245,7 @@ def main(argv=None):
     ranks = f" | {info.world_size} processes, global batch {config.batch_size * info.world_size}" \
         if info.enabled else ""
     say(f"device: {device} ({where}){ranks}")
+    say(f"precision: {config.precision} ({config.precision_reason})")
     run_dir = os.path.join(config.model_save_path, config.version)
     try:
         if info.is_main:  # rank 0 writes every file: it checks the folders and holds the run folder
