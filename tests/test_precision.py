@@ -183,3 +183,41 @@ def test_auto_is_resolved_in_the_saved_config(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     config = main.parse_args(TINY + out_args(tmp_path, "a") + ["--precision", "auto", "--device", "cpu"])
     assert config.precision in ("fp32", "bf16") and config.precision_reason.startswith("auto: ")
+
+
+# ----------------------------------------------------------------------------- quality parity
+
+def test_parity_script_trains_both_precisions_and_compares_fid_and_curves(tmp_path, capsys):
+    """tools.precision_parity at smoke size with evaluate.py's stand-in features: 2 precisions x 2
+    seeds of real main.py runs, FID/KID of each, the curves' gaps, a table and parity.json; a second
+    call keeps the finished runs."""
+    from PIL import Image
+    from data_loader import SyntheticFaces
+    from tools import precision_parity
+    real = tmp_path / "real"
+    real.mkdir()
+    faces = SyntheticFaces(24, 32, seed=7)
+    for i in range(24):
+        Image.fromarray(faces.face(i)[0]).save(real / f"{i:03d}.png")
+    argv = ["--seeds", "0,1", "--real", str(real), "--features", "randconv", "--num_samples", "24",
+            "--num_real", "24", "--kid_subset_size", "12", "--eval_batch_size", "12", "--out", str(tmp_path / "p"),
+            "--", *TINY, "--total_step", "3", "--log_step", "1"]
+    report = precision_parity.main(argv)
+    out = capsys.readouterr().out
+    runs = report["runs"]
+    assert set(runs) == {"fp32", "bf16"} and all(set(r) == {"0", "1"} for r in runs.values())
+    assert all(r["step"] == 3 and r["fid"] > 0 for p in runs.values() for r in p.values())
+    assert runs["fp32"]["0"]["fid"] != runs["fp32"]["1"]["fid"]  # the seeds trained different models
+    for prec in ("fp32", "bf16"):
+        config = json.loads((tmp_path / "p" / "models" / f"{prec}_seed1" / "config.json").read_text())
+        assert config["precision"] == prec and config["seed"] == 1
+    gaps = report["curve_gaps"]
+    assert {"d_loss", "g_loss", "gamma/G8", "gamma/D4"} <= set(gaps)
+    assert all(v >= 0 for g in gaps.values() for v in g.values())
+    assert gaps["d_loss"]["bf16"] > 0  # bf16 did not train bit-identically to fp32
+    assert "bf16 FID" in report["verdicts"]["bf16"] and "seeds' spread" in report["verdicts"]["bf16"]
+    assert "NOT comparable to published numbers" in out and "precision seed" in out
+    assert json.loads((tmp_path / "p" / "parity.json").read_text())["verdicts"] == report["verdicts"]
+    # run again: every run is finished, so nothing trains further and the numbers are the same
+    again = precision_parity.main(argv)
+    assert again["runs"] == report["runs"]
