@@ -66,3 +66,12 @@ def test_gpu_check_says_plainly_that_it_needs_a_gpu():
     r = run_tool("tools.gpu_check", timeout=120)
     assert r.returncode == 1 and "no CUDA GPU here" in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+
+
+def test_gpu_checks_that_take_a_device_pass_on_cpu(capsys):
+    """The CUDA path is the same autocast code: what of tools.gpu_check runs on CPU passes here."""
+    from tools import gpu_check
+    gpu_check.failures.clear()
+    gpu_check.spectral_norm_stays_fp32(torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert gpu_check.failures == [] and "PASS  spectral norm in fp32 under bfloat16 autocast on cpu" in out

@@ -13,11 +13,11 @@ SAGAN alternate step by step after warm-up, so load from other processes hits al
 are printed with each row's ratio to the first row as the median and range of the per-round ratios
 (a wide range means the machine was busy: trust an idle machine's run).
 
-The limit: the model's FLOP per step are counted once (torch.utils.flop_counter on one fp32 step;
-the CPU flash-attention kernel counted by torch's SDPA formulas), achieved GFLOP/s = that / s per
-step, and the same run measures the machine's fp32 and bf16 matmul peak (--peak_size square matmul,
-best of --peak_repeats): each row reports the fraction of its precision's peak. The CPU model and its
-bf16 flags are printed. Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size
+The limit: the model's FLOP per step are counted once (torch.utils.flop_counter on one step of the
+first row, the same count in any precision; the CPU flash-attention kernel counted by torch's SDPA
+formulas), achieved GFLOP/s = that / s per step, and the same run measures the machine's fp32 and
+bf16 matmul peak (--peak_size square matmul, best of --peak_repeats and one more per timed round):
+each row reports the fraction of its precision's peak. The CPU model and its bf16 flags are printed. Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size
 sampled during each row's steps. Data loading is not timed: batches are random images on the device.
 The last line is one JSON object.
 """
@@ -57,7 +57,8 @@ def bench_args(argv=None):
                    help="ours: the rows only; naive: the naive SAGAN only; both (default)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--peak_size", type=int, default=2048, help="side of the square matmul timed for the peak")
-    p.add_argument("--peak_repeats", type=int, default=5, help="matmuls per precision; the best counts")
+    p.add_argument("--peak_repeats", type=int, default=5,
+                   help="matmuls per precision before the timed steps (and one more per round); the best counts")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, print a torch.profiler table (this many rows) of one step each")
     args, rest = p.parse_known_args(argv)
@@ -181,22 +182,33 @@ def flops_per_step(trainer, real):
     return counter.get_total_flops()
 
 
-def matmul_peak(device, dtype, n, repeats):
-    """Best GFLOP/s of an n x n matmul in `dtype` on `device` (the machine's practical ceiling)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, generator=g).to(dtype)
-    b = torch.randn(n, n, device=device, generator=g).to(dtype)
-    torch.mm(a, b)  # warm-up: the library picks its kernel
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+class MatmulPeak:
+    """Best GFLOP/s of an n x n matmul per precision on `device` (the machine's practical ceiling).
+    Measured a few times up front and once more per precision in every timed round, so the best is
+    taken over the same stretch of time (and load) as the steps."""
+
+    DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+    def __init__(self, device, n):
+        self.device, self.n, self.best = device, n, {p: float("inf") for p in self.DTYPES}
+        g = torch.Generator(device=device).manual_seed(0)
+        a, b = (torch.randn(n, n, device=device, generator=g) for _ in range(2))
+        self.operands = {p: (a.to(dt), b.to(dt)) for p, dt in self.DTYPES.items()}
+        for a, b in self.operands.values():
+            torch.mm(a, b)  # warm-up: the library picks its kernel
+
+    def measure(self):
+        for p, (a, b) in self.operands.items():
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t = time.perf_counter()
+            torch.mm(a, b)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.best[p] = min(self.best[p], time.perf_counter() - t)
+
+    def gflops(self):
+        return {p: 2 * self.n ** 3 / t / 1e9 for p, t in self.best.items()}
 
 
 def machine(device):
@@ -245,11 +257,14 @@ def main(argv=None):
         for row, (same, why) in aliases.items():
             print(f"row {row}: {why} -> the same as row {same}, not timed twice", flush=True)
         flops = flops_per_step(first, real) if first else None  # untimed; after warm-up
-        peaks = {p: matmul_peak(device, dtype, args.peak_size, args.peak_repeats)
-                 for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        peak = MatmulPeak(device, args.peak_size)
+        for _ in range(args.peak_repeats):
+            peak.measure()
         for _ in range(args.steps):  # alternate, so all see the same load
             for side in sides:
                 side.run(real)
+            peak.measure()
+        peaks = peak.gflops()
         if args.profile:
             for side in sides:
                 print(f"--- profile: {side.name}, one step")
@@ -266,7 +281,7 @@ def main(argv=None):
         steps=args.steps, warmup=args.warmup, torch=torch.__version__,
         load_avg_1min=[round(load_before, 2), round(load_after, 2)],
         matmul_peak_gflops={p: round(v, 1) for p, v in peaks.items()}, matmul_peak_size=args.peak_size)
-    print(f"matmul peak ({args.peak_size}x{args.peak_size}, best of {args.peak_repeats}): "
+    print(f"matmul peak ({args.peak_size}x{args.peak_size}, best of {args.peak_repeats + args.steps}): "
           f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     if flops:
         result["gflop_per_step"] = float(f"{flops / 1e9:.4g}")
