@@ -114,7 +114,13 @@ def probe(repeats=5):
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     return dict(fp32=round(med["fp32"], 5), bf16=round(med["bf16"], 5),
-                speedup=round(med["fp32"] / med["bf16"], 3), seconds=round(time.perf_counter() - t0, 2))
+                speedup=round(med["fp32"] / med["bf16"], 3), seconds=round(time.perf_counter() - t0, 2),
+                load=round(os.getloadavg()[0], 2))
+
+
+def busy(result):
+    """Was the machine busier than its cores while the probe ran? (Such a result is not cached.)"""
+    return result.get("load", 0.0) > (os.cpu_count() or 1)
 
 
 def cache_path():
@@ -131,8 +137,9 @@ def machine_key():
 
 def cached_probe(path=None, measure=True, keep_after=1.0):
     """(probe result, 'cached' | 'measured') for this machine; the cache file holds one entry per
-    machine key, written when the probe took more than `keep_after` seconds. With measure=False,
-    (None, 'not measured') when nothing is cached."""
+    machine key, written when the probe took more than `keep_after` seconds on a machine that was
+    not busy (a probe under other processes' load says little about the next run). With
+    measure=False, (None, 'not measured') when nothing is cached."""
     path = path or cache_path()
     key = json.dumps(machine_key(), sort_keys=True)
     try:
@@ -147,7 +154,7 @@ def cached_probe(path=None, measure=True, keep_after=1.0):
     if not measure:
         return None, "not measured"
     result = probe()
-    if result["seconds"] > keep_after:  # a probe this quick is not worth a file
+    if result["seconds"] > keep_after and not busy(result):  # a probe this quick is not worth a file
         entries[key] = result
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -191,6 +198,7 @@ def resolve(requested, device, cache=None, flags=None):
                         f"processes to share; run once without torchrun or pass --precision bf16")
     faster = result["speedup"] >= MIN_SPEEDUP
     verdict = f"{result['speedup']:.2f}x {'faster than' if result['speedup'] >= 1 else 'the speed of'} fp32"
+    how += f" under load {result['load']:.1f}" if busy(result) else ""
     why = f"auto: {'/'.join(units)}, probe ({how}) {verdict}"
     if faster:
         return "bf16", why

@@ -162,6 +162,7 @@ def test_auto_follows_a_cached_probe(tmp_path, speedup, expected):
 
 def test_auto_measures_on_this_cpu_and_keeps_a_slow_probe(tmp_path, monkeypatch):
     cache = tmp_path / "sub" / "probe.json"
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # the test machine is shared: read it idle
     result, how = precision.cached_probe(str(cache), keep_after=0.0)  # the real probe, kept
     assert how == "measured" and result["fp32"] > 0 and result["bf16"] > 0
     assert result["speedup"] == pytest.approx(result["fp32"] / result["bf16"], rel=1e-2)
@@ -177,6 +178,13 @@ def test_auto_measures_on_this_cpu_and_keeps_a_slow_probe(tmp_path, monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "1")
     chosen, why = precision.resolve("auto", CPU, cache=str(cache), flags={"amx_bf16"})
     assert chosen == ("bf16" if result["speedup"] >= precision.MIN_SPEEDUP else "fp32"), why
+    # a probe measured while the machine is busier than its cores is used once, never cached
+    monkeypatch.setattr(os, "getloadavg", lambda: (1e3, 1e3, 1e3))
+    busy_cache = tmp_path / "busy.json"
+    result, how = precision.cached_probe(str(busy_cache), keep_after=0.0)
+    assert how == "measured" and not busy_cache.exists()
+    chosen, why = precision.resolve("auto", CPU, cache=str(busy_cache), flags={"amx_bf16"})
+    assert "probe (measured under load" in why and not busy_cache.exists()
 
 
 def test_auto_is_resolved_in_the_saved_config(tmp_path, monkeypatch):
