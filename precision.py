@@ -115,7 +115,7 @@ def probe(repeats=5):
     med = {k: statistics.median(v) for k, v in times.items()}
     return dict(fp32=round(med["fp32"], 5), bf16=round(med["bf16"], 5),
                 speedup=round(med["fp32"] / med["bf16"], 3), seconds=round(time.perf_counter() - t0, 2),
-                load=round(os.getloadavg()[0], 2))
+                load=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else 0.0)  # not on Windows
 
 
 def busy(result):
@@ -154,7 +154,7 @@ def cached_probe(path=None, measure=True, keep_after=1.0):
     if not measure:
         return None, "not measured"
     result = probe()
-    if result["seconds"] > keep_after and not busy(result):  # a probe this quick is not worth a file
+    if result["seconds"] > keep_after and not busy(result):  # a quicker probe is not worth a file
         entries[key] = result
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)

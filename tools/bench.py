@@ -6,6 +6,7 @@ heykeetae's code) at the same architecture, all in one process.
     python -m tools.bench --rows fp32,bf16,bf16+channels_last --only ours   # A/B of variants
     python -m tools.bench --imsize 128 --g_attn 64 --only ours              # memory of one side alone
     python -m tools.bench ... --profile 20                  # torch.profiler table of one step per row
+    python -m tools.bench --precision bf16                  # main.py's --precision alone: that one row
 
 Rows (--rows, comma-separated): a precision (fp32, bf16, fp16, auto) with optional '+channels_last',
 '+compile', '+reuse_fake'; every other flag of main.py applies to all rows. The rows and the naive
@@ -48,7 +49,7 @@ MODIFIERS = {"channels_last": "--channels_last", "compile": "--compile", "reuse_
 
 def bench_args(argv=None):
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--rows", default=DEFAULT_ROWS,
+    p.add_argument("--rows", default=None,
                    help="comma-separated precisions to time, each optionally +channels_last, +compile, "
                         f"+reuse_fake (default {DEFAULT_ROWS}); the first row is the ratios' reference")
     p.add_argument("--steps", type=int, default=5, help="timed steps per row")
@@ -62,6 +63,10 @@ def bench_args(argv=None):
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, print a torch.profiler table (this many rows) of one step each")
     args, rest = p.parse_known_args(argv)
+    if args.rows is None:  # main.py's --precision P alone (the older spelling) times the one row P
+        given = [a.split("=", 1)[1] if "=" in a else rest[i + 1] for i, a in enumerate(rest)
+                 if a.split("=")[0] == "--precision" and ("=" in a or i + 1 < len(rest))]
+        args.rows = given[-1] if given else DEFAULT_ROWS
     if args.steps <= 0 or args.warmup < 0 or args.peak_size <= 0 or args.peak_repeats <= 0:
         p.error("--steps, --peak_size and --peak_repeats must be positive and --warmup not negative")
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
