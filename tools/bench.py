@@ -18,8 +18,11 @@ The limit: the model's FLOP per step are counted once (torch.utils.flop_counter 
 first row, the same count in any precision; the CPU flash-attention kernel counted by torch's SDPA
 formulas), achieved GFLOP/s = that / s per step, and the same run measures the machine's fp32 and
 bf16 matmul peak (--peak_size square matmul, best of --peak_repeats and one more per timed round):
-each row reports the fraction of its precision's peak. The CPU model and its bf16 flags are printed. Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size
-sampled during each row's steps. Data loading is not timed: batches are random images on the device.
+each row reports the fraction of its precision's peak. The peak is the faster of that matmul and a
+3x3 convolution of the same order (oneDNN; on CPUs where MKL's fp32 matmul is slow, e.g. AMD, the
+convolution shows the machine's fp32 ceiling better). The CPU model and its bf16 flags are printed.
+Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size sampled during each row's
+steps. Data loading is not timed: batches are random images on the device.
 The last line is one JSON object.
 """
 import json
@@ -188,32 +191,42 @@ def flops_per_step(trainer, real):
 
 
 class MatmulPeak:
-    """Best GFLOP/s of an n x n matmul per precision on `device` (the machine's practical ceiling).
-    Measured a few times up front and once more per precision in every timed round, so the best is
-    taken over the same stretch of time (and load) as the steps."""
+    """Best GFLOP/s per precision on `device` of two kernels: an n x n matmul (BLAS: MKL for fp32 on
+    x86) and a 3x3 convolution of the same order (oneDNN on CPU, which the model's convolutions use;
+    on some CPUs it is the faster of the two in fp32); the peak of a precision is its faster kernel.
+    Measured a few times up front and once more in every timed round, so the best is taken over the
+    same stretch of time (and load) as the steps."""
 
     DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
     def __init__(self, device, n):
-        self.device, self.n, self.best = device, n, {p: float("inf") for p in self.DTYPES}
+        self.device = device
         g = torch.Generator(device=device).manual_seed(0)
-        a, b = (torch.randn(n, n, device=device, generator=g) for _ in range(2))
-        self.operands = {p: (a.to(dt), b.to(dt)) for p, dt in self.DTYPES.items()}
-        for a, b in self.operands.values():
-            torch.mm(a, b)  # warm-up: the library picks its kernel
+        c = max(n // 4, 8)
+        shapes = {"matmul": ((n, n), (n, n)), "conv3x3": ((16, c, 16, 16), (c, c, 3, 3))}
+        self.flop = {"matmul": 2 * n ** 3, "conv3x3": 2 * 16 * 16 * 16 * c * c * 9}
+        self.ops = {"matmul": torch.mm, "conv3x3": lambda x, w: F.conv2d(x, w, padding=1)}
+        base = {k: [torch.randn(shape, device=device, generator=g) for shape in v] for k, v in shapes.items()}
+        self.operands = {(p, k): [t.to(dt) for t in base[k]] for p, dt in self.DTYPES.items() for k in shapes}
+        self.best = {key: float("inf") for key in self.operands}
+        for (p, k), args in self.operands.items():
+            self.ops[k](*args)  # warm-up: the library picks its kernel
 
     def measure(self):
-        for p, (a, b) in self.operands.items():
+        for (p, k), args in self.operands.items():
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t = time.perf_counter()
-            torch.mm(a, b)
+            self.ops[k](*args)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.best[p] = min(self.best[p], time.perf_counter() - t)
+            self.best[p, k] = min(self.best[p, k], time.perf_counter() - t)
+
+    def by_kernel(self):
+        return {p: {k: round(self.flop[k] / self.best[p, k] / 1e9, 1) for k in self.flop} for p in self.DTYPES}
 
     def gflops(self):
-        return {p: 2 * self.n ** 3 / t / 1e9 for p, t in self.best.items()}
+        return {p: max(kernels.values()) for p, kernels in self.by_kernel().items()}
 
 
 def machine(device):
@@ -285,9 +298,11 @@ def main(argv=None):
         peak_mem_kind="cuda_max_allocated" if device.type == "cuda" else "rss_sampled",
         steps=args.steps, warmup=args.warmup, torch=torch.__version__,
         load_avg_1min=[round(load_before, 2), round(load_after, 2)],
-        matmul_peak_gflops={p: round(v, 1) for p, v in peaks.items()}, matmul_peak_size=args.peak_size)
-    print(f"matmul peak ({args.peak_size}x{args.peak_size}, best of {args.peak_repeats + args.steps}): "
-          f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+        matmul_peak_gflops={p: round(v, 1) for p, v in peaks.items()}, matmul_peak_size=args.peak_size,
+        peak_by_kernel=peak.by_kernel())
+    kernels = " | ".join(f"{p}: " + ", ".join(f"{k} {v:.0f}" for k, v in ks.items()) for p, ks in peak.by_kernel().items())
+    print(f"peak (best of {args.peak_repeats + args.steps}, matmul {args.peak_size}x{args.peak_size} and a 3x3 "
+          f"conv of that order): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s ({kernels})")
     if flops:
         result["gflop_per_step"] = float(f"{flops / 1e9:.4g}")
         print(f"model: {flops / 1e9:.1f} GFLOP per step (counted on one step: convolutions, matmuls, "
