@@ -9,9 +9,10 @@ FID/KID (evaluate.py) and by the loss and gamma curves (metrics.jsonl), in one t
 Flags after `--` are main.py's: the recipe, the same for every run (each run adds --precision, --seed,
 --version, the output folders and --no_visdom); the runs are main.py's main, one after another in
 this process. Runs already finished are kept, unfinished ones resumed, so the command can be run
-again after an interruption (Ctrl-C saves the current run, as main.py does). bf16 is at parity when its FID and
-KID lie within the fp32 seeds' spread and its curves are no further from fp32's than fp32's seeds are
-from each other. The numbers go to <--out>/parity.json too.
+again after an interruption (Ctrl-C saves the current run, as main.py does). bf16 is at parity when
+its mean FID differs from fp32's by no more than the seeds' spread (the larger of the two precisions'
+seed-to-seed FID ranges) and its curves are no further from fp32's than fp32's seeds are from each
+other. The numbers go to <--out>/parity.json too.
 """
 import json
 import os
@@ -144,11 +145,13 @@ def compare(args, results):
             p: mean_abs_gap(seed_mean([results[p][s]["curves"] for s in args.seeds], name), ref_mean)
             for p in args.precisions[1:]}}
     verdicts = {}
-    lo, hi = summary[ref]["fid_range"]
     for p in args.precisions[1:]:
-        within = lo <= summary[p]["fid_mean"] <= hi if len(args.seeds) > 1 else None
-        verdicts[p] = (f"{p} FID {summary[p]['fid_mean']:.2f} vs {ref} {summary[ref]['fid_mean']:.2f} "
-                       f"({ref} seeds {lo:.2f}-{hi:.2f}): "
+        # the noise floor: the larger of the two precisions' own seed-to-seed FID ranges
+        spread = max(summary[q]["fid_range"][1] - summary[q]["fid_range"][0] for q in (ref, p))
+        gap = summary[p]["fid_mean"] - summary[ref]["fid_mean"]
+        within = abs(gap) <= spread if len(args.seeds) > 1 else None
+        verdicts[p] = (f"{p} FID {summary[p]['fid_mean']:.2f} vs {ref} {summary[ref]['fid_mean']:.2f}: "
+                       f"{gap:+.2f}, seeds' spread {spread:.2f} (the larger seed range of the two): "
                        + ("within the seeds' spread" if within else "OUTSIDE the seeds' spread" if within is False
                           else "one seed: no spread to compare with"))
     return dict(recipe=args.recipe, seeds=args.seeds, features=args.features, num_samples=args.num_samples,
@@ -168,7 +171,7 @@ def print_table(args, report):
     print(f"\ncurves: mean |difference| of the seed-mean curve from {args.precisions[0]}'s, beside "
           f"{args.precisions[0]}'s own seed-to-seed difference")
     for name, gaps in report["curve_gaps"].items():
-        print(f"  {name:>10}: " + "  ".join(f"{k} {v:.4f}" for k, v in gaps.items()))
+        print(f"  {name:>10}: " + "  ".join(f"{k} {v:.3g}" for k, v in gaps.items()))
     for line in report["verdicts"].values():
         print(line)
     if args.features != "inception":
