@@ -164,7 +164,8 @@ def check_config(c):
     check_attn(c.imsize, c.d_attn, "d")
     if not c.version or os.sep in c.version or c.version in (".", ".."):
         raise ValueError(f"--version {c.version!r} must be a plain folder name")
-    c.precision, c.precision_reason = precision.resolve(c.precision, pick_device(c.device))
+    resuming = os.path.join(c.model_save_path, c.version, "config.json") if c.resume or c.pretrained_model else None
+    c.precision, c.precision_reason = precision.resolve(c.precision, pick_device(c.device), resuming=resuming)
 
 
 def check_writable(folder, flag):

@@ -169,11 +169,27 @@ def cached_probe(path=None, measure=True, keep_after=1.0):
 
 # ----------------------------------------------------------------------------- the choice
 
-def resolve(requested, device, cache=None, flags=None):
+def saved_choice(config_json):
+    """The precision a run folder's config.json records ('fp32'/'bf16'/'fp16'), or None."""
+    try:
+        with open(config_json) as f:
+            saved = json.load(f).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return saved if saved in DTYPES else None
+
+
+def resolve(requested, device, cache=None, flags=None, resuming=None):
     """(precision, reason) for --precision `requested` on `device` (a torch.device): 'auto' becomes
     fp32 or bf16; anything that can't run raises ValueError naming the flag. `cache`: the probe's
-    cache file (default cache_path()); `flags`: the CPU's flags (default: cpu_info()'s)."""
+    cache file (default cache_path()); `flags`: the CPU's flags (default: cpu_info()'s);
+    `resuming`: the config.json of the run being resumed, whose choice auto keeps (a probe that
+    came out differently today must not change the arithmetic halfway through a run)."""
     flags = cpu_info()[1] if flags is None else flags
+    previous = saved_choice(resuming) if requested == "auto" and resuming else None
+    if previous:
+        check(previous, device)
+        return previous, f"auto: kept from the run being resumed ({resuming})"
     if requested != "auto":
         check(requested, device)
         note = ""

@@ -187,6 +187,35 @@ def test_auto_measures_on_this_cpu_and_keeps_a_slow_probe(tmp_path, monkeypatch)
     assert "probe (measured under load" in why and not busy_cache.exists()
 
 
+def test_auto_resume_keeps_the_runs_choice_and_is_bitwise_exact(tmp_path, monkeypatch):
+    """A resumed auto run computes in the precision it started in, even when today's probe says
+    otherwise: K steps (probe says bf16) + resume (probe now says fp32) + K steps == 2K steps."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "sagan" / "precision_probe.json"
+    cache.parent.mkdir(parents=True)
+    key = json.dumps(precision.machine_key(), sort_keys=True)
+
+    def probe_says(speedup):
+        cache.write_text(json.dumps({key: dict(fp32=1.0, bf16=1.0 / speedup, speedup=speedup, seconds=3.0)}))
+
+    if not precision.bf16_units(precision.cpu_info()[1]):
+        pytest.skip("this CPU has no bf16 units: auto is fp32 whatever the probe says")
+    K = 3
+    base = TINY + ["--precision", "auto", "--model_save_step", str(K)]
+    probe_says(2.0)
+    assert run_inprocess(base + out_args(tmp_path, "whole") + ["--total_step", str(2 * K)]) is None
+    assert run_inprocess(base + out_args(tmp_path, "split") + ["--total_step", str(K)]) is None
+    probe_says(0.5)
+    assert run_inprocess(base + out_args(tmp_path, "split") + ["--total_step", str(2 * K), "--resume"]) is None
+    config = json.loads((tmp_path / "models" / "split" / "config.json").read_text())
+    assert config["precision"] == "bf16" and config["precision_reason"].startswith("auto: kept from the run")
+    whole, split = metrics(tmp_path / "models" / "whole"), metrics(tmp_path / "models" / "split")
+    assert [(r["d_loss"], r["g_loss"]) for r in whole] == [(r["d_loss"], r["g_loss"]) for r in split]
+    # a fresh auto run today follows today's probe
+    fresh = main.parse_args(base + out_args(tmp_path, "fresh"))
+    assert fresh.precision == "fp32" and "under the 1.15x needed" in fresh.precision_reason
+
+
 def test_auto_is_resolved_in_the_saved_config(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     config = main.parse_args(TINY + out_args(tmp_path, "a") + ["--precision", "auto", "--device", "cpu"])
