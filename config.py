@@ -28,6 +28,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
+from precision import CHOICES
 from run_files import atomic_write_text
 from sagan_models import default_attn
 
@@ -113,8 +114,10 @@ class TrainConfig:
                                 "(SyncBatchNorm)")
     device: str = flag("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     # speed (trainer.py); none of these changes the algorithm except --reuse_fake
-    precision: str = flag("fp32", "autocast precision on CUDA (fp16 adds loss scaling); CPU runs fp32",
-                          choices=["fp32", "bf16", "fp16"])
+    precision: str = flag("fp32", "fp32; bf16 autocast (CPU or CUDA); fp16 autocast + loss scaling (CUDA); "
+                                  "auto: bf16 where the GPU supports it or the CPU has bf16 units and a "
+                                  "startup probe finds it faster, else fp32 (the run records which)",
+                          choices=list(CHOICES))
     channels_last: bool = flag(False, "NHWC memory layout for models and batches")
     compile: bool = flag(False, "torch.compile G and D (slow start, faster steps)")
     reuse_fake: bool = flag(False, "NOT the paper's update: the G step reuses the D step's z and fake "
@@ -155,6 +158,8 @@ class TrainConfig:
     visdom_server: str = flag("http://localhost", "the visdom server's address")
     visdom_port: int = flag(8097, "the visdom server's port")
     # resolved at start-up (the module docstring says how to add one)
+    precision_reason: str = resolved("", "why --precision is what it is (precision.resolve: 'auto' "
+                                         "decided at start-up, or 'requested')")
     world_size: int = resolved(1, "processes training together (torchrun): the global batch is "
                                   "batch_size x world_size")
 

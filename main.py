@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+import precision
 from cli import Parser, UserError, run
 from config import PRESETS, TrainConfig, add_flags, flag_text, folder_crops
 from data_loader import make_dataset
@@ -18,7 +19,7 @@ from distributed import cleanup_distributed, dist_info, setup_distributed
 from run_files import RunLock
 from sagan_models import check_attn, check_imsize, check_patch, default_attn
 from stopping import Diverged, Interrupted
-from trainer import Trainer, check_precision
+from trainer import Trainer
 from utils import pick_device
 
 
@@ -40,9 +41,14 @@ def parse_args(argv=None, **facts):
     flags = p.parse_args(argv)
     try:
         check_config(flags)
+        # 'auto' decided here, once (precision.resolve: the device, the CPU's bf16 units, a probe);
+        # a resumed run keeps the choice its config.json records
+        resuming = (os.path.join(flags.model_save_path, flags.version, "config.json")
+                    if flags.resume or flags.pretrained_model else None)
+        chosen, why = precision.resolve(flags.precision, pick_device(flags.device), resuming=resuming)
     except ValueError as e:
         p.error(str(e))
-    return TrainConfig.from_flags(vars(flags), **facts)
+    return TrainConfig.from_flags(vars(flags), precision=chosen, precision_reason=why, **facts)
 
 
 def check_config(c):
@@ -74,7 +80,6 @@ def check_config(c):
     check_patch(c.imsize, c.d_patch, default_attn(c.imsize, "d") if c.d_attn is None else c.d_attn)
     if not c.version or os.sep in c.version or c.version in (".", ".."):
         raise ValueError(f"--version {c.version!r} must be a plain folder name")
-    check_precision(c.precision, pick_device(c.device))
 
 
 def dataset_for(config):
@@ -164,6 +169,7 @@ def main(argv=None):
     ranks = f" | {info.world_size} processes, global batch {config.batch_size * info.world_size}" \
         if info.enabled else ""
     say(f"device: {device} ({where}){ranks}")
+    say(f"precision: {config.precision} ({config.precision_reason})")
     run_dir = os.path.join(config.model_save_path, config.version)
     try:
         if info.is_main:  # rank 0 writes every file: it checks the folders and holds the run folder

@@ -5,18 +5,36 @@ layers included (as the paper's official implementation does). We use torch's ow
 rather than the seed repos' hand-written power iteration: it keeps `weight` a plain attribute,
 updates u/v only in training mode, and its state (`parametrizations.weight.original`, `_u`, `_v`)
 is an ordinary part of the state dict.
+
+The power iteration and sigma always run in fp32, also inside a bf16/fp16 autocast region: CUDA
+autocast runs torch.mv in reduced precision, and 8 bits of mantissa in u, v and sigma would make the
+normalized weight (and the u/v vectors carried from step to step) drift with the precision. Only the
+convolution that then uses the normalized weight is autocast.
 """
 import torch
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
+
+
+class FP32SpectralNorm(_SpectralNorm):
+    """torch's spectral-norm parametrization with autocast switched off inside it: the same state
+    dict keys and buffers, the same numbers as without autocast."""
+
+    def forward(self, weight):
+        with torch.autocast(weight.device.type, enabled=False):
+            return super().forward(weight.float())
 
 
 def SN(layer, n_power_iterations=1, eps=1e-12):
     """Return `layer` (Conv2d, ConvTranspose2d or Linear) with spectral norm on its weight.
 
-    torch picks the right matrix dimension itself (dim=1 for transposed convolutions).
+    What torch.nn.utils.parametrizations.spectral_norm does (dim=1 for transposed convolutions, the
+    dimension torch picks), with the fp32 parametrization.
     """
-    return spectral_norm(layer, n_power_iterations=n_power_iterations, eps=eps)
+    dim = 1 if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
+    parametrize.register_parametrization(layer, "weight", FP32SpectralNorm(layer.weight, n_power_iterations, dim, eps))
+    return layer
 
 
 def top_singular_value(layer):

@@ -5,15 +5,14 @@ objectives are in losses.py, the metrics record in metrics.py, what a checkpoint
 checkpoint.py; the run's options arrive as one frozen TrainConfig (config.py).
 
 The speed switches are no-ops when off:
-    --precision fp32|bf16|fp16   autocast around the forwards (bf16/fp16 need CUDA); fp16 adds a
-                                 GradScaler per network, saved in checkpoints
+    --precision fp32|bf16|fp16   autocast around the forwards (precision.py; fp16 needs CUDA and adds
+                                 a GradScaler per network, saved in checkpoints)
     --channels_last              models and batches in NHWC memory layout
     --compile                    torch.compile G and D in place (opt-in: minutes of compiling)
 Always on, because they never change results beyond float rounding: cudnn.benchmark on CUDA (the
 input sizes never change, so the fastest convolution algorithms are picked once), and Adam's fused
 multi-tensor update instead of a Python loop over parameters.
 """
-import contextlib
 import math
 import os
 import shutil
@@ -30,21 +29,13 @@ from distributed import DistInfo, max_over_ranks, mean_over_ranks, sync_batchnor
 from ema import EMA
 from losses import D_LOSSES, g_adversarial, gradient_penalty
 from metrics import append_record, make_record, read_records, status_line, write_records
+import precision
 from run_files import remove_stale_temps
 from sagan_models import Discriminator, Generator
 from stopping import Diverged, FiniteWatch, Interrupted, StopSignals, params_finite
 from utils import default, denorm, exists, pick_device, rng_state, seed_everything, set_rng_state
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check_precision(precision, device):
-    """Raise ValueError when `precision` can't run on `device` (a torch.device)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision != "fp32" and device.type != "cuda":
-        raise ValueError(f"--precision {precision} needs a CUDA GPU; on {device.type} use --precision fp32 "
-                         f"(reduced precision is slower than fp32 on most CPUs)")
+PRECISIONS = precision.DTYPES
 
 
 def update(opt, scaler, loss):
@@ -85,7 +76,7 @@ class Trainer:
         self.opt_g = torch.optim.Adam(self.G.parameters(), config.g_lr, betas, fused=True)
         self.opt_d = torch.optim.Adam(self.D.parameters(), config.d_lr, betas, fused=True)
         dtype = PRECISIONS[config.precision]
-        self.autocast = torch.autocast(self.device.type, dtype) if dtype else contextlib.nullcontext()
+        self.autocast = precision.autocast(config.precision, self.device)
         # loss scaling for fp16, one per network (their gradients have unrelated ranges); with
         # fp32/bf16 these are disabled and pass everything through unchanged
         self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=dtype is torch.float16)

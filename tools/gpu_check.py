@@ -1,14 +1,17 @@
 """Checks for a CUDA machine, in one command:  python -m tools.gpu_check  (exit status 0 = all passed)
 
 1. Fused vs materialised attention agree in bf16 and fp16 (output and gradients) within a stated
-   tolerance, at 32x32 and 64x64 (N = 4096).
+   tolerance, at 32x32 and 64x64 (N = 4096). Spectral norm's power iteration and sigma stay fp32
+   under bf16/fp16 autocast (CUDA autocast would run its torch.mv in reduced precision), and
+   --precision auto resolves to bf16 on a GPU that supports it.
 2. The training path at N = 4096, batch 64 never materialises an N x N map: peak CUDA memory of a
    forward + backward stays far below one (B, N, N) fp32 map (4 GiB).
 3. A few training steps of main.py in fp32, bf16, fp16 (+ resume, GradScaler state restored),
-   channels_last, and --compile.
-4. tools.bench's table at 64px and at 128px with attention on the 64x64 map.
+   auto, channels_last, and --compile.
+4. tools.bench's table (rows fp32, auto, bf16) at 64px and at 128px with attention on the 64x64 map.
 
-Everything runs on the first GPU; nothing here runs on CPU (it exits with a message there).
+Everything runs on the first GPU; the command exits with a message on a machine without one. The
+checks that take a device (spectral_norm_stays_fp32) also run on CPU: tests/test_tools.py runs them.
 """
 import json
 import os
@@ -17,9 +20,12 @@ import sys
 import tempfile
 
 import torch
+from torch import nn
 
+import precision
 from cli import Parser, UserError, run
 from sagan_models import Self_Attn
+from spectral import SN
 
 PROG = "tools.gpu_check"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # main.py's folder
@@ -59,6 +65,34 @@ def attention_agreement(device):
                   f"max relative error {err:.2e} (tolerance {tol:.0e})")
 
 
+def spectral_norm_stays_fp32(device):
+    """Three training-mode forwards under autocast give bit for bit the u, v and normalized weight of
+    three without it: the power iteration and sigma ran in fp32."""
+    dtypes = [torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
+    for dtype in dtypes:
+        torch.manual_seed(0)
+        layer = SN(nn.Conv2d(64, 128, 4, 2, 1)).to(device).train()
+        plain = SN(nn.Conv2d(64, 128, 4, 2, 1)).to(device).train()
+        plain.load_state_dict(layer.state_dict())
+        x = torch.randn(4, 64, 16, 16, device=device)
+        for _ in range(3):  # each forward in training mode is one power-iteration update
+            with torch.autocast(device.type, dtype=dtype):
+                layer(x)
+                w = layer.weight  # (and so is reading the weight)
+            plain(x)
+            w_plain = plain.weight
+        same = all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), plain.state_dict().values()))
+        check(f"spectral norm in fp32 under {str(dtype)[6:]} autocast on {device.type}",
+              same and w.dtype == torch.float32 and torch.equal(w, w_plain),
+              f"weight {w.dtype}, u/v/weight identical to an fp32 run: {same}")
+
+
+def auto_precision(device):
+    chosen, why = precision.resolve("auto", device)
+    check("--precision auto on this GPU", chosen == ("bf16" if torch.cuda.is_bf16_supported() else "fp32"),
+          f"{chosen} ({why})")
+
+
 def no_n_by_n_at_4096(device):
     torch.manual_seed(0)
     B, C, N = 64, 64, 64 * 64
@@ -90,7 +124,7 @@ def training_runs(workdir):
             "--sample_step", "10", "--model_save_step", "5", "--device", "cuda",
             "--model_save_path", os.path.join(workdir, "m"), "--sample_path", os.path.join(workdir, "s")]
     for extra, name in [(["--precision", "fp32"], "fp32"), (["--precision", "bf16"], "bf16"),
-                        (["--precision", "fp16"], "fp16"),
+                        (["--precision", "fp16"], "fp16"), (["--precision", "auto"], "auto"),
                         (["--precision", "bf16", "--channels_last"], "bf16_cl"),
                         (["--precision", "bf16", "--compile"], "bf16_compile")]:
         run_python(base + extra + ["--total_step", "10", "--version", name],
@@ -108,11 +142,11 @@ def training_runs(workdir):
 
 
 def bench_tables():
-    for extra in (["--imsize", "64"], ["--imsize", "64", "--precision", "bf16"],
-                  ["--imsize", "128", "--g_attn", "64"], ["--imsize", "128", "--g_attn", "64", "--precision", "bf16"]):
-        r = run_python(["-m", "tools.bench", *extra, "--batch_size", "64", "--steps", "10", "--warmup", "3",
-                        "--device", "cuda"], f"tools.bench {' '.join(extra)}")
-        print("\n".join(r.stdout.strip().splitlines()[-4:]), flush=True)
+    for extra in (["--imsize", "64"], ["--imsize", "128", "--g_attn", "64"]):
+        r = run_python(["-m", "tools.bench", *extra, "--rows", "fp32,auto,bf16", "--batch_size", "64",
+                        "--steps", "10", "--warmup", "3", "--peak_size", "8192", "--device", "cuda"],
+                       f"tools.bench {' '.join(extra)}")
+        print("\n".join(r.stdout.strip().splitlines()[-9:-1]), flush=True)
 
 
 def main(argv=None):
@@ -122,6 +156,8 @@ def main(argv=None):
     device = torch.device("cuda")
     print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     attention_agreement(device)
+    spectral_norm_stays_fp32(device)
+    auto_precision(device)
     no_n_by_n_at_4096(device)
     with tempfile.TemporaryDirectory() as workdir:
         training_runs(workdir)
