@@ -23,7 +23,7 @@ def test_the_config_is_resolved_once_and_frozen():
 def test_every_field_but_the_resolved_ones_is_a_flag_and_the_defaults_are_the_fields():
     flags = vars(build_parser().parse_args([]))
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    assert set(fields) - set(flags) == {"world_size"}  # decided at start-up, not by a flag
+    assert set(fields) - set(flags) == {"world_size", "precision_reason"}  # decided at start-up, not by a flag
     assert {name: flags[name] for name in flags} == {name: fields[name] for name in flags}
 
 

@@ -23,7 +23,7 @@ import evaluate
 import main as sagan_main
 from checkpoint import load_checkpoint
 from cli import Parser, UserError, run
-from trainer import parse_record
+from metrics import read_records
 
 PROG = "tools.precision_parity"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # main.py's folder
@@ -103,11 +103,10 @@ def scores(args, run_dir):
 def curves(run_dir):
     """{series: {step: value}} of the losses and every gamma in metrics.jsonl."""
     out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for r in filter(None, map(parse_record, f)):
-            for k, v in r.items():
-                if k in CURVES or k.startswith("gamma/"):
-                    out.setdefault(k, {})[r["step"]] = v
+    for r in read_records(os.path.join(run_dir, "metrics.jsonl")):
+        for k, v in r.items():
+            if k in CURVES or k.startswith("gamma/"):
+                out.setdefault(k, {})[r["step"]] = v
     return out
 
 
