@@ -279,7 +279,8 @@ def fit(config, info, device, say, args):
     finally:
         if dashboard:
             dashboard.close()
-    say(f"done: step {trainer.step}, checkpoint {last}, samples in {trainer.sample_dir}")
+    shown = f", dashboard {dashboard.url}" if dashboard and dashboard.connected else ""  # its own env
+    say(f"done: step {trainer.step}, checkpoint {last}, samples in {trainer.sample_dir}{shown}")
 
 
 if __name__ == "__main__":
