@@ -336,12 +336,16 @@ def replay(run_dir, server="http://localhost", port=8097, env=None, sample_dir=N
     if not config:
         raise UserError(f"{run_dir!r} holds no run (no config.json, no latest.pt): pass the folder "
                         f"main.py saved a run in, models/<version>")
+    missing = {"version", "adv_loss", "g_attn", "d_attn"} - set(config)
+    if missing:
+        raise UserError(f"the config of {run_dir!r} lacks {', '.join(sorted(missing))}: it was not written "
+                        f"by this project's main.py")
     env = env or config["version"]
     metrics = os.path.join(run_dir, "metrics.jsonl")
     records = []
     if os.path.isfile(metrics):
         with open(metrics) as f:
-            records = [r for r in map(parse_record, f) if r and "step" in r]
+            records = [r for r in map(parse_record, f) if isinstance(r, dict) and "step" in r]
     if sample_dir is None:  # where main.py wrote them, relative to where it ran (usually here)
         sample_dir = os.path.join(config.get("sample_path", "samples"), config["version"])
     grid = latest_grid(sample_dir)
@@ -362,8 +366,12 @@ def replay(run_dir, server="http://localhost", port=8097, env=None, sample_dir=N
     shown = [f"{len(records)} logged steps"]
     if grid:
         step, path = grid
-        with Image.open(path) as img:
-            pixels = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)[None] / 255.0
+        try:
+            with Image.open(path) as img:
+                pixels = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)[None] / 255.0
+        except (OSError, ValueError) as e:  # PIL's errors for a cut-short or foreign file
+            raise UserError(f"sample grid {path!r} is not a readable image ({type(e).__name__}); "
+                            f"delete it or pass --samples with another folder") from None
         dash.image("samples", pixels, caption=f"fixed z, step {step} ({path})")
         shown.append(f"samples of step {step}")
     if os.path.isfile(latest):
