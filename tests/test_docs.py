@@ -22,6 +22,7 @@ import re
 import runpy
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,10 @@ def parse_with_its_parser(kind, name, args):
     """Run the script or module as __main__ until it has parsed `args`; '' or argparse's message."""
     err, saved_argv = io.StringIO(), sys.argv
     try:
-        with stop_after_parsing(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with stop_after_parsing(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+                warnings.catch_warnings():
+            # runpy's note that the module was imported before (by another test): it runs afresh anyway
+            warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
             if kind == "script":
                 sys.argv = [str(ROOT / name), *args]
                 runpy.run_path(str(ROOT / name), run_name="__main__")
