@@ -139,20 +139,14 @@ def resume_command(argv, *extra):
 
 def make_dashboard(config, trainer):
     try:
-        from dashboard import Dashboard, visdom
+        from dashboard import Dashboard, visdom, windows
     except ImportError:
         visdom = None
     if visdom is None:
         print("visdom is not installed: no live dashboard (pip install visdom, or pass --no_visdom)")
         return None
-    series = ["d_loss_real", "d_loss_fake", "d_loss", "g_loss"] + (["d_gp"] if config.adv_loss == "wgan-gp" else [])
-    layers = [f"gamma/G{r}" for r in config.g_attn] + [f"gamma/D{r}" for r in config.d_attn]
-    lines = {"loss": (f"{config.version}: losses", series)}
-    if layers:
-        lines["gamma"] = (f"{config.version}: attention gamma", layers)
-    dash = Dashboard(config.visdom_server, config.visdom_port, config.version, lines)
-    if dash.wait_connected(timeout=3.0):
-        print(f"visdom: {config.visdom_server}:{config.visdom_port}, env '{config.version}'")
+    dash = Dashboard(config.visdom_server, config.visdom_port, config.version, windows(config))
+    dash.wait_connected(timeout=3.0)  # it prints the run's address when it connects, now or later
     trainer.attach_dashboard(dash)
     return dash
 
@@ -212,7 +206,8 @@ def fit(config, info, device, say, args):
     finally:
         if dashboard:
             dashboard.close()
-    say(f"done: step {trainer.step}, checkpoint {last}, samples in {trainer.sample_dir}")
+    shown = f", dashboard {dashboard.url}" if dashboard and dashboard.connected else ""  # its own env
+    say(f"done: step {trainer.step}, checkpoint {last}, samples in {trainer.sample_dir}{shown}")
 
 
 if __name__ == "__main__":

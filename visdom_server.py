@@ -9,6 +9,10 @@ build.py expects, and the server is started without the download step.
     python visdom_server.py [--port 8097] [--hostname localhost] [--env_path DIR]
     python visdom_server.py --background    # start one in the background unless one answers already
 
+A run's panels are at http://localhost:8097/env/<its --version> (the front page is the empty 'main'
+env); they are saved under --env_path and come back when the server restarts. A finished run goes back
+on the dashboard from its folder with `python dashboard.py models/<version>`.
+
 From tests:  proc = start_server(port, env_path=d); wait_until_up(port); stop_server(proc)
 """
 import argparse
@@ -143,6 +147,12 @@ def install_static(quiet=False):
     say(f"installed {len(todo)} files into {static}")
 
 
+def default_env_path():
+    """Where visdom saves envs unless --env_path says otherwise (~/.visdom/): it outlives the server,
+    so a restarted one shows the runs it had (the dashboard client asks it to save each run's env)."""
+    return os.path.join(os.path.expanduser("~"), ".visdom")
+
+
 def serve(port=DEFAULT_PORT, hostname=DEFAULT_HOSTNAME, env_path=None):
     """Run the visdom server in this process until interrupted (no downloads)."""
     # Application + listen() is what visdom.server.run_server.start_server does,
@@ -150,7 +160,6 @@ def serve(port=DEFAULT_PORT, hostname=DEFAULT_HOSTNAME, env_path=None):
     # and then only on 127.0.0.1. Here the socket is bound to `hostname` itself.
     from tornado import ioloop, web
     from visdom.server import app as visdom_app
-    from visdom.server.defaults import DEFAULT_ENV_PATH
 
     class StaticFiles(web.StaticFileHandler):
         # visdom's index.html has static_url("../user/style.css"). Since tornado 6.6,
@@ -163,7 +172,7 @@ def serve(port=DEFAULT_PORT, hostname=DEFAULT_HOSTNAME, env_path=None):
                                            include_version and not path.startswith("../"))
 
     visdom_app.tornado_settings["static_handler_class"] = StaticFiles
-    env_path = env_path or DEFAULT_ENV_PATH
+    env_path = env_path or default_env_path()
     app = visdom_app.Application(port=port, env_path=env_path)
     app.listen(port, address=hostname, max_buffer_size=1024**3)
     print(f"visdom dashboard at http://{hostname}:{port}/  (env_path {os.path.abspath(env_path)})",
@@ -210,8 +219,9 @@ def start_background(port, hostname, env_path=None, log_dir=".cache"):
     """A server that outlives this command (its own session; output in <log_dir>/visdom_<port>.log),
     started unless one answers on the port already; says where to open it."""
     url = f"http://{hostname}:{port}"
+    runs = f"each run's panels at {url}/env/<its --version>"  # the front page is the empty 'main' env
     if answering(port, hostname):
-        print(f"dashboard: already running at {url}")
+        print(f"dashboard: already running at {url} ({runs})")
         return
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"visdom_{port}.log")
@@ -227,7 +237,8 @@ def start_background(port, hostname, env_path=None, log_dir=".cache"):
     except RuntimeError as e:
         raise UserError(f"the dashboard server did not start on {hostname}:{port} "
                         f"({str(e).splitlines()[0]}); see {log_path}") from None
-    print(f"dashboard: started at {url} (pid {proc.pid}, log {log_path}; stop it with kill {proc.pid})")
+    print(f"dashboard: started at {url} (pid {proc.pid}, log {log_path}; stop it with kill {proc.pid}); "
+          f"{runs}, saved in {os.path.abspath(env_path or default_env_path())}")
 
 
 def stop_server(proc, timeout=5.0):
@@ -261,7 +272,8 @@ def main(argv=None):
     p.add_argument("--hostname", default=DEFAULT_HOSTNAME,
                    help="address to bind (default localhost; 0.0.0.0 exposes it to the network)")
     p.add_argument("--env_path", default=None,
-                   help="where visdom saves environments (default ~/.visdom/)")
+                   help="where visdom saves each run's panels, loaded again when the server restarts "
+                        "(default ~/.visdom/)")
     p.add_argument("--background", action="store_true",
                    help="start the server in the background and return, unless one answers already")
     args = p.parse_args(argv)

@@ -1,4 +1,7 @@
-"""The dashboard's attention panel: query pixels -> map cells, the rows G gives, the picture drawn."""
+"""The dashboard's attention panel: query pixels -> map cells, the rows G gives, the picture drawn;
+and a finished run replayed from its folder onto a real visdom server on loopback."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -85,3 +88,104 @@ def test_panel_puts_each_map_under_its_query_with_the_hot_cell_where_it_is():
     # the query mark at the query pixel in the sample row of its column
     y, x = head + int(20.5 * tile / S), side + (tile + gap) + int(28.5 * tile / S)
     assert tuple(panel[y, x]) == QUERY_MARK
+
+
+# ----------------------------------------------------------------------------- replaying a run's folder
+
+def _replay(run_dir, port, *extra, cwd=None):
+    import subprocess
+    import sys
+    from conftest import ROOT, one_thread_env
+    return subprocess.run([sys.executable, str(ROOT / "dashboard.py"), str(run_dir), "--visdom_server",
+                           "http://127.0.0.1", "--visdom_port", str(port), *map(str, extra)],
+                          cwd=cwd or ROOT, env=one_thread_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def visdom_port(tmp_path_factory):
+    pytest.importorskip("visdom", reason="visdom is not installed")
+    import visdom_server
+    from conftest import free_port
+    if visdom_server.missing_static():
+        pytest.skip("visdom static files not installed (python visdom_server.py --install_static)")
+    port = free_port()
+    proc = visdom_server.start_server(port, env_path=tmp_path_factory.mktemp("visdom_env"))
+    try:
+        visdom_server.wait_until_up(port, timeout=30, proc=proc)
+        yield port
+    finally:
+        visdom_server.stop_server(proc)
+
+
+def test_a_finished_run_is_replayed_from_its_folder(checkpoint, visdom_port):
+    """`python dashboard.py models/<run>`: every logged step, the newest sample grid and the attention
+    panel of latest.pt, in the run's own env; the printed address opens exactly those panels."""
+    import json
+    import os
+
+    import importlib.util
+
+    import visdom
+    from tools.dashboard_screenshot import CHROMIUM
+    run_dir = os.path.dirname(checkpoint)
+    steps = [json.loads(l)["step"] for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert steps == [2, 4]
+
+    out = _replay(run_dir, visdom_port)
+    assert out.returncode == 0, out.stdout + out.stderr
+    url = f"http://127.0.0.1:{visdom_port}/env/t"
+    assert f"into {url}" in out.stdout, out.stdout
+
+    vis = visdom.Visdom(server="http://127.0.0.1", port=visdom_port, env="t", raise_exceptions=True,
+                        use_incoming_socket=False)
+    windows = json.loads(vis.get_window_data(env="t"))
+    assert {w: windows[w]["type"] for w in windows} == dict(loss="plot", gamma="plot", samples="image",
+                                                             attention="image")
+    traces = {t["name"]: t for t in windows["loss"]["content"]["data"]}
+    assert traces["g_loss"]["x"] == steps
+    assert windows["samples"]["content"]["caption"].startswith("fixed z, step 4 (")
+    assert windows["attention"]["content"]["caption"].startswith("step 4, first fixed z")
+
+    again = _replay(run_dir, visdom_port)  # replaces the windows: the curve is not doubled
+    assert again.returncode == 0, again.stderr
+    traces = {t["name"]: t for t in json.loads(vis.get_window_data(env="t"))["loss"]["content"]["data"]}
+    assert traces["g_loss"]["x"] == steps
+
+    if not os.path.exists(CHROMIUM) or importlib.util.find_spec("playwright") is None:
+        return  # the server's side is checked above; the page's needs headless Chromium
+    from tools.dashboard_screenshot import chromium_page, wait_for_panes
+    with chromium_page() as (page, _):
+        page.goto(url)  # the address it printed: the run's panels, not the empty 'main' env
+        panes = wait_for_panes(page, lambda p: len(p) == 4 and all(x["traces"] or x["image"] for x in p))
+        assert sorted(p["title"] for p in panes) == sorted(["t: losses", "t: attention gamma", "samples",
+                                                            "attention"]), panes
+        page.goto(f"http://127.0.0.1:{visdom_port}/")
+        page.wait_for_timeout(2000)
+        assert page.evaluate("document.querySelectorAll('.react-grid-item').length") == 0
+
+
+def test_replay_errors_are_one_line(tmp_path, visdom_port):
+    from conftest import free_port
+
+    def fails(run_dir, port, why):
+        out = _replay(run_dir, port)
+        assert out.returncode == 1 and why in out.stderr, out.stderr
+        assert out.stderr.startswith("dashboard.py: error:") and out.stderr.count("\n") == 1, out.stderr
+
+    fails(tmp_path / "nope", visdom_port, "is not a folder")
+    fails(tmp_path, visdom_port, "holds no run (no config.json, no latest.pt)")
+    config = dict(version="x", sample_path=str(tmp_path / "s"), adv_loss="hinge", g_attn=[], d_attn=[])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "metrics.jsonl").write_text("")
+    fails(tmp_path, visdom_port, "has nothing to show yet")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "d_loss": 1.0, "g_loss": 2.0}\n')
+    dead = free_port()
+    fails(tmp_path, dead, f"no dashboard answers at http://127.0.0.1:{dead}")
+    (tmp_path / "s" / "x").mkdir(parents=True)
+    (tmp_path / "s" / "x" / "0000004_fake.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    fails(tmp_path, visdom_port, "0000004_fake.png' is not a readable image")
+    (tmp_path / "s" / "x" / "0000004_fake.png").unlink()
+    (tmp_path / "latest.pt").write_bytes(b"not a checkpoint")
+    fails(tmp_path, visdom_port, "latest.pt")
+    (tmp_path / "config.json").write_text('{"version": "x"}')
+    fails(tmp_path, visdom_port, "lacks adv_loss, d_attn, g_attn: it was not written by this project")

@@ -53,7 +53,7 @@ def test_visdom_server_receives_losses_gamma_and_samples(tmp_path):
         out = run_main(tmp_path, "--total_step", "6", "--log_step", "2", "--sample_step", "3",
                        "--version", "dash", "--visdom", "--visdom_server", "http://127.0.0.1",
                        "--visdom_port", str(port)).stdout
-        assert f"visdom: http://127.0.0.1:{port}, env 'dash'" in out
+        assert f"dashboard: http://127.0.0.1:{port}/env/dash " in out  # the run's own env, not the server's front page
         vis = visdom.Visdom(server="http://127.0.0.1", port=port, env="dash",
                             use_incoming_socket=False, raise_exceptions=True)
         loss = json.loads(vis.get_window_data("loss", env="dash"))

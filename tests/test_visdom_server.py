@@ -117,3 +117,76 @@ def test_background_server_starts_once_and_outlives_the_command(static_installed
         assert again.returncode == 0 and "already running" in again.stdout, again.stdout + again.stderr
     finally:
         os.kill(pid, signal.SIGTERM)
+
+
+# ----------------------------------------------------------------------------- a run's panels kept
+
+LINES = {"loss": ("r: losses", ["d_loss", "g_loss"])}
+
+
+def _windows(port, env):
+    import visdom
+    vis = visdom.Visdom(server="http://127.0.0.1", port=port, env=env, raise_exceptions=True,
+                        use_incoming_socket=False)
+    return json.loads(vis.get_window_data(env=env))
+
+
+def test_run_address_opens_its_env():
+    from dashboard import address
+    assert address("http://localhost", 8097, "quick") == "http://localhost:8097/env/quick"
+    assert address("http://127.0.0.1/", 9000, "a b") == "http://127.0.0.1:9000/env/a%20b"
+
+
+def test_panels_come_back_after_a_server_restart(static_installed, tmp_path):
+    """The dashboard asks the server to save the run's env (visdom's env files under --env_path):
+    a server started again on the same folder shows the same curves and image."""
+    import torch
+    from dashboard import Dashboard
+
+    env_path, port = tmp_path / "envs", free_port()
+    proc = visdom_server.start_server(port, env_path=env_path)
+    try:
+        visdom_server.wait_until_up(port, timeout=20, proc=proc)
+        dash = Dashboard("http://127.0.0.1", port, "r", LINES)
+        for step in (1, 2, 3):
+            dash.scalars("loss", step, {"d_loss": step / 10, "g_loss": -step})
+        dash.image("samples", torch.rand(4, 3, 8, 8), caption="fixed z, step 3")
+        assert dash.wait_connected(10) and dash.close(flush_timeout=20)
+        assert (env_path / "r.json").is_file()
+    finally:
+        visdom_server.stop_server(proc)
+    assert not visdom_server.answering(port)
+
+    port = free_port()  # a new server process, only the folder in common
+    proc = visdom_server.start_server(port, env_path=env_path)
+    try:
+        visdom_server.wait_until_up(port, timeout=20, proc=proc)
+        windows = _windows(port, "r")
+    finally:
+        visdom_server.stop_server(proc)
+    assert set(windows) == {"loss", "samples"}
+    traces = {t["name"]: t for t in windows["loss"]["content"]["data"]}
+    assert traces["d_loss"]["x"] == [1, 2, 3] and traces["g_loss"]["y"] == [-1, -2, -3]
+    assert windows["samples"]["content"]["caption"] == "fixed z, step 3"
+
+
+def test_a_long_run_is_saved_while_it_trains(static_installed, monkeypatch, tmp_path):
+    """Saved every SAVE_EVERY_S while the run goes on, not only at its end (a crash, a kill -9)."""
+    import time
+
+    import dashboard
+    monkeypatch.setattr(dashboard, "SAVE_EVERY_S", 0.0)
+    port, saved = free_port(), tmp_path / "envs" / "live.json"
+    proc = visdom_server.start_server(port, env_path=tmp_path / "envs")
+    try:
+        visdom_server.wait_until_up(port, timeout=20, proc=proc)
+        dash = dashboard.Dashboard("http://127.0.0.1", port, "live", LINES)
+        dash.scalars("loss", 1, {"d_loss": 1.0, "g_loss": 2.0})
+        assert dash.wait_connected(10)
+        deadline = time.monotonic() + 20
+        while not saved.is_file() and time.monotonic() < deadline:  # no close(): the run goes on
+            time.sleep(0.1)
+        assert saved.is_file() and "loss" in json.loads(saved.read_text())["jsons"]
+        dash.close()
+    finally:
+        visdom_server.stop_server(proc)
