@@ -21,6 +21,56 @@ CELEBA_SAMPLE = ROOT.parent / "shared" / "data" / "celeba_sample"
 SMOKE = ["--preset", "smoke"]
 
 
+# the smoke run logging every step and drawing no sample grids: what in-process runs train
+TINY = SMOKE + ["--sample_step", "100000"]
+
+
+def out_args(tmp_path, version="run"):
+    """Flags that put a run's folders under tmp_path, as run `version`."""
+    return ["--model_save_path", str(tmp_path / "models"), "--sample_path", str(tmp_path / "samples"),
+            "--version", version]
+
+
+def run_inprocess(args):
+    """main.main(args) as `python main.py` ends it; returns the exit message/code of a SystemExit, else None."""
+    import main
+    from cli import run
+    try:
+        run("main.py", main.main, args)
+    except SystemExit as e:
+        return e.code
+    return None
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (2 shared cores: a second spinning thread slows tiny steps)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def visdom_port(tmp_path_factory):
+    """A real visdom server (the project's visdom_server) on a free loopback port for the module."""
+    pytest.importorskip("visdom", reason="visdom is not installed")
+    import visdom_server
+    if visdom_server.missing_static():
+        if not visdom_server.npm_available():
+            pytest.skip("visdom static files not installed and npm not found; "
+                        "run `python visdom_server.py --install_static` where npm is available")
+        visdom_server.install_static(quiet=True)
+    port = free_port()
+    proc = visdom_server.start_server(port, env_path=tmp_path_factory.mktemp("visdom_env"))
+    try:
+        visdom_server.wait_until_up(port, timeout=30, proc=proc)
+        yield port
+    finally:
+        visdom_server.stop_server(proc)
+
+
 def main_command(tmp_path, *args):
     """`python main.py --preset smoke <args>`, run folders under tmp_path/models, samples under
     tmp_path/samples (later flags win, so `args` can move them)."""

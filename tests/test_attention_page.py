@@ -157,7 +157,6 @@ def test_contribution_numbers_are_the_contributions_own(explorer, page):
 def test_the_interventions_are_attention_intervene_per_seed(explorer, page):
     """Each G layer's image with its attention removed / uniform: PNGs of G under attention.intervene,
     and the change the table's intervention_deltas measures for that one image."""
-    from PIL import Image
     data = page_json(page)
     for s, seed in enumerate(SEEDS):
         z = at.z_for_seeds([seed], explorer.G.z_dim)

@@ -101,22 +101,6 @@ def _replay(run_dir, port, *extra, cwd=None):
                           cwd=cwd or ROOT, env=one_thread_env(), capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def visdom_port(tmp_path_factory):
-    pytest.importorskip("visdom", reason="visdom is not installed")
-    import visdom_server
-    from conftest import free_port
-    if visdom_server.missing_static():
-        pytest.skip("visdom static files not installed (python visdom_server.py --install_static)")
-    port = free_port()
-    proc = visdom_server.start_server(port, env_path=tmp_path_factory.mktemp("visdom_env"))
-    try:
-        visdom_server.wait_until_up(port, timeout=30, proc=proc)
-        yield port
-    finally:
-        visdom_server.stop_server(proc)
-
-
 def test_a_finished_run_is_replayed_from_its_folder(checkpoint, visdom_port):
     """`python dashboard.py models/<run>`: every logged step, the newest sample grid and the attention
     panel of latest.pt, in the run's own env; the printed address opens exactly those panels."""

@@ -11,8 +11,7 @@ import sys
 
 import pytest
 
-import visdom_server
-from conftest import ROOT, SMOKE, free_port, one_thread_env
+from conftest import ROOT, SMOKE, one_thread_env
 from tools.dashboard_screenshot import CHROMIUM, chromium_page, screenshot_env, wait_for_panes
 
 LOSSES = ["d_loss_real", "d_loss_fake", "d_loss", "g_loss"]
@@ -27,19 +26,8 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def server(chromium, tmp_path_factory):
-    if visdom_server.missing_static():
-        if not visdom_server.npm_available():
-            pytest.skip("visdom static files not installed and npm not found; "
-                        "run `python visdom_server.py --install_static` where npm is available")
-        visdom_server.install_static(quiet=True)
-    port = free_port()
-    proc = visdom_server.start_server(port, env_path=tmp_path_factory.mktemp("visdom_env"))
-    try:
-        visdom_server.wait_until_up(port, timeout=30, proc=proc)
-        yield port
-    finally:
-        visdom_server.stop_server(proc)
+def server(chromium, visdom_port):
+    return visdom_port
 
 
 def test_training_run_shows_on_the_dashboard_in_chromium(server, tmp_path):

@@ -11,37 +11,13 @@ from torch.nn.utils.parametrizations import spectral_norm
 import main
 import precision
 from checkpoint import load_checkpoint
-from cli import run
-from conftest import SMOKE
+from conftest import TINY, metrics, out_args, run_inprocess
 from spectral import SN
 
-TINY = SMOKE + ["--sample_step", "100000"]  # the smoke run, logging every step, no sample grids
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def out_args(tmp_path, version):
-    return ["--model_save_path", str(tmp_path / "models"), "--sample_path", str(tmp_path / "samples"),
-            "--version", version]
-
-
-def run_inprocess(args):
-    try:
-        run("main.py", main.main, args)
-    except SystemExit as e:
-        return e.code
-    return None
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- spectral norm

@@ -23,37 +23,15 @@ from PIL import Image
 import main
 import visdom_server
 from checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_generator
-from cli import run
-from conftest import ROOT, SMOKE, free_port, metrics, wait_for
+from conftest import ROOT, TINY, free_port, metrics, out_args, run_inprocess, wait_for
 from data_loader import ImageFolderFlat, synthetic_face
 from utils import rng_state
 
-TINY = SMOKE + ["--sample_step", "100000"]  # the smoke run, logging every step, no sample grids
 
 
 # ----------------------------------------------------------------------------- helpers
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: torch's second spinning thread makes tiny steps 10-50x slower under load
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def out_args(tmp_path, version="run"):
-    return ["--model_save_path", str(tmp_path / "models"), "--sample_path", str(tmp_path / "samples"),
-            "--version", version]
-
-
-def run_inprocess(args):
-    """main.main(args) as `python main.py` ends it; returns the exit message/code of a SystemExit, else None."""
-    try:
-        run("main.py", main.main, args)
-    except SystemExit as e:
-        return e.code
-    return None
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LOSSES = ("d_loss_real", "d_loss_fake", "d_loss", "g_loss")

@@ -1,8 +1,6 @@
 """main.py end to end, as a user runs it: a real subprocess, real files, a real visdom server."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
