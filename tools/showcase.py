@@ -24,7 +24,7 @@ from metrics import read_records
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 ASSETS = os.path.dirname(SHOWCASE)
-# 64px like the paper's CelebA model; widths 32 and batch 32 are what ~45 minutes of 2 cores can train
+# 64px like heykeetae's CelebA setting (the paper reports ImageNet at 128px); widths 32 and batch 32 are what ~45 minutes of 2 cores can train
 # far enough to draw faces (see the note)
 TRAIN_FLAGS = ["--dataset", "celeb", "--imsize", "64", "--g_conv_dim", "32", "--d_conv_dim", "32",
                "--batch_size", "32", "--num_workers", "0", "--log_step", "50", "--sample_step", "500",
