@@ -13,6 +13,7 @@ share one set of generated images. Every result names the network (file, sha256 
 """
 import json
 import os
+import time
 from types import SimpleNamespace
 
 from checkpoint import load_models
@@ -106,8 +107,12 @@ def evaluate(args):
         crop_text = "" if crop is None else f", crop {crop}"
         print(f"real: {len(real)} images of {source['what']} at {G.image_size}px{crop_text}: {how}", flush=True)
         if fake is None:
+            t = time.time()
             fake = features_of(generated_batches(G, args.num_samples, args.batch_size, args.seed, device),
-                               net, device)
+                               net, device, args.num_samples, f"generated ({args.num_samples})")
+            t = time.time() - t
+            print(f"generated: {len(fake)} images (seed {args.seed}) -> features in {t:.0f} s, "
+                  f"{len(fake) / t:.2f} images/s on {device}", flush=True)
         scores = fid_kid(real, fake, args.kid_subset_size, args.kid_subsets, args.seed)
         scores.update(checkpoint=args.checkpoint, step=loaded.step, generator="EMA" if loaded.ema else "raw",
                       real=source["what"], crop=crop, imsize=G.image_size, num_fake=len(fake),

@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import time
 import warnings
 
@@ -234,9 +235,16 @@ def generated_batches(G, num_samples, batch_size, seed, device):
 
 
 @torch.no_grad()
-def features_of(batches, net, device):
-    """Features (N, F) float32 on the CPU of uint8 image batches."""
-    return torch.cat([net(x.to(device)).float().cpu() for x in batches])
+def features_of(batches, net, device, total=None, desc=None):
+    """Features (N, F) float32 on the CPU of uint8 image batches; a progress bar when `desc` is given
+    (on a CPU the Inception takes about a second per image)."""
+    from tqdm import tqdm
+    out = []
+    with tqdm(total=total, desc=desc, unit="img", disable=desc is None, file=sys.stdout, mininterval=30) as bar:
+        for x in batches:
+            out.append(net(x.to(device)).float().cpu())
+            bar.update(len(x))
+    return torch.cat(out)
 
 
 def subset(n_available, n, what):
@@ -252,7 +260,7 @@ def subset(n_available, n, what):
 def real_features(dataset, source, n, net, batch_size, device, cache_dir):
     """Features of `n` real images of `dataset`, from the cache when `source` (a dict that names the
     images: folder, fingerprint, size, crop), n and the network match. Returns (features, how)."""
-    key = dict(source, n=n, network=net.cache_key())
+    key = dict({k: v for k, v in source.items() if k != "what"}, n=n, network=net.cache_key())  # not the text
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"real_{digest}.pt")
     if os.path.isfile(path):
@@ -260,7 +268,7 @@ def real_features(dataset, source, n, net, batch_size, device, cache_dir):
         if cached["key"] == key:
             return cached["features"], f"cached {path}"
     idx = subset(len(dataset), n, source.get("what", "the real set"))
-    feats = features_of(real_batches(dataset, idx, batch_size), net, device)
+    feats = features_of(real_batches(dataset, idx, batch_size), net, device, n, f"real features ({n})")
     os.makedirs(cache_dir, exist_ok=True)
     atomic_save(dict(key=key, features=feats), path)
     return feats, f"computed, cached in {path}"

@@ -18,7 +18,8 @@ from PIL import Image
 
 from checkpoint import load_checkpoint, load_generator
 from cli import UserError
-from conftest import ROOT, SMOKE, one_thread_env
+from conftest import ROOT, SMOKE, free_port, one_thread_env
+from dashboard import Dashboard
 from data_loader import SyntheticFaces, make_dataset
 from ema import EMA
 from fid import RandomConvFeatures, folder_source, generated_batches, real_features
@@ -140,12 +141,19 @@ def test_fid_while_training_is_in_metrics_and_equals_evaluate_on_the_same_checkp
     config = parse_args([*SMOKE, "--total_step", "4", "--model_save_step", "2", "--fid_every", "2",
                          "--fid_samples", str(n), "--fid_network", "randconv", "--version", "f",
                          "--model_save_path", str(tmp_path / "m"), "--sample_path", str(tmp_path / "s")])
-    Trainer(config, make_dataset(config)).train()
+    trainer = Trainer(config, make_dataset(config))
+    # a real Dashboard with no server behind it: what the training loop hands it, window by window
+    dash = Dashboard("http://127.0.0.1", free_port(), "f", {"loss": ("losses", ["d_loss"]), "fid": ("FID", ["fid"])})
+    trainer.attach_dashboard(dash)
+    trainer.train()
+    dash.close(flush_timeout=0)
+    assert dash.lines["fid"].x == [2, 4] and dash.lines["loss"].x == [1, 2, 3, 4]  # no FID rows among losses
     records = [json.loads(line) for line in (tmp_path / "m" / "f" / "metrics.jsonl").read_text().splitlines()]
     fids = [r for r in records if "fid" in r]
     assert [r["step"] for r in fids] == [2, 4]
     assert all(r["fid_n"] == n and r["fid_network"] == "random-conv-16" and r["fid_s"] > 0 for r in fids)
     assert fids[0]["fid"] != fids[1]["fid"]  # the generator moved
+    assert [r[0] for r in dash.lines["fid"].y] == [r["fid"] for r in fids]
     out = tmp_path / "e.json"
     cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", str(tmp_path / "m" / "f" / "latest.pt"),
            "--num_samples", str(n), "--num_real", str(n), "--features", "randconv", "--kid_subsets", "10",

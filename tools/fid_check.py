@@ -24,7 +24,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from cli import Parser, UserError, run
 from fid import (INCEPTION_CONVS, INCEPTION_PARAMS, architecture, features_of, fid_kid, folder_source,
-                 load_network, real_features, subset, synthetic_source)
+                 load_network, real_batches, real_features, subset, synthetic_source)
 
 
 def shifted(x, k):
@@ -57,18 +57,20 @@ def check_architecture(net):
     return arch
 
 
-def behaviour(net, dataset, src, n, levels, batch_size, device):
+def behaviour(net, dataset, src, n, levels, batch_size, device, cache_dir):
     """FID of the halves and of each distortion of the second half: {name: fid}."""
     idx = subset(len(dataset), n, src["what"])
-    feats, _ = real_features(dataset, src, n, net, batch_size, device, ".cache/fid_real")
+    feats, _ = real_features(dataset, src, n, net, batch_size, device, cache_dir)
     half = n // 2
-    a, b = feats[:half], feats[half:2 * half]
-    images = torch.stack([dataset[i] for i in idx[half:2 * half]])
-    from fid import to_uint8
-    images = to_uint8(images)  # (half, 3, H, W)
+    a, b = feats[:half], feats[half:2 * half]  # idx is sorted: the halves are two parts of the folder
+    halves = fid_kid(a, b)
+    scores = {"halves": halves["fid"]}
+    print(f"{'halves':>14}: FID {halves['fid']:8.2f} | KID {halves['kid']:.5f} ± {halves['kid_std']:.5f} "
+          f"| {half} vs {half} disjoint images of {src['what']}", flush=True)
+    if not levels:
+        return scores
+    images = torch.cat(list(real_batches(dataset, idx[half:2 * half], batch_size)))  # (half, 3, H, W) uint8
     side = images.shape[-1]
-    scores = {"halves": fid_kid(a, b, kid_subsets=10)["fid"]}
-    print(f"{'halves':>14}: FID {scores['halves']:8.2f}   ({half} vs {half} images)", flush=True)
     for kind, fn in (("shift", shifted), ("blur", blurred)):
         for level in levels:
             amount = max(1, round(level * side)) if kind == "shift" else level * side
@@ -78,7 +80,7 @@ def behaviour(net, dataset, src, n, levels, batch_size, device):
             print(f"{name:>14}: FID {scores[name]:8.2f}", flush=True)
     for kind in ("shift", "blur"):
         series = [v for k, v in scores.items() if k.startswith(kind)]
-        if not all(x < y for x, y in zip(series, series[1:])) or series[0] <= scores["halves"]:
+        if series and not all(x < y for x, y in zip(series, series[1:])) or series[0] <= scores["halves"]:
             raise UserError(f"FID does not grow with the {kind}: halves {scores['halves']:.2f}, "
                             f"{kind} " + ", ".join(f"{v:.2f}" for v in series))
     return scores
@@ -94,12 +96,13 @@ def main(argv=None):
     a("--crop2", type=int, default=160)
     a("--imsize", type=int, default=32)
     a("--n", type=int, default=200, help="real images (halves of n/2; with --real2, n of each)")
-    a("--levels", type=float, nargs="+", default=[1 / 32, 1 / 8, 1 / 4],
-      help="shift (pixels) and blur sigma as fractions of the image side")
+    a("--levels", type=float, nargs="*", default=[1 / 32, 1 / 8, 1 / 4],
+      help="shift (pixels) and blur sigma as fractions of the image side; none: the halves' floor only")
     a("--features", choices=["inception", "randconv"], default="inception")
     a("--feature_weights", default=None)
     a("--batch_size", type=int, default=50)
     a("--device", default="cpu")
+    a("--cache_dir", default=".cache/fid_real", help="where real features are cached (evaluate.py's)")
     args = p.parse_args(argv)
     if args.n < 4:
         p.error(f"--n must be at least 4, got {args.n}")
@@ -111,15 +114,17 @@ def main(argv=None):
                   imsize=args.imsize)
     if args.real2:
         other, src2 = source(args.real2, args.crop2, args.imsize, "--real2")
-        f1, _ = real_features(dataset, src, args.n, net, args.batch_size, args.device, ".cache/fid_real")
-        f2, _ = real_features(other, src2, args.n, net, args.batch_size, args.device, ".cache/fid_real")
+        f1, _ = real_features(dataset, src, args.n, net, args.batch_size, args.device, args.cache_dir)
+        f2, _ = real_features(other, src2, args.n, net, args.batch_size, args.device, args.cache_dir)
         scores = fid_kid(f1, f2)
         print(f"floor: FID {scores['fid']:.2f} | KID {scores['kid']:.5f} ± {scores['kid_std']:.5f} | "
               f"N = {args.n} of {src['what']} vs {args.n} of {src2['what']} at {args.imsize}px")
         result.update(floor=scores, real=src["what"], real2=src2["what"])
     else:
-        result["fid"] = behaviour(net, dataset, src, args.n, args.levels, args.batch_size, args.device)
-        print(f"ok: the halves score lowest and FID grows with every shift and blur step")
+        result["fid"] = behaviour(net, dataset, src, args.n, args.levels, args.batch_size, args.device,
+                                  args.cache_dir)
+        if args.levels:
+            print("ok: the halves score lowest and FID grows with every shift and blur step")
     result["seconds"] = round(time.time() - t, 1)
     print(json.dumps(result))
 
