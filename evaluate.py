@@ -14,12 +14,12 @@ share one set of generated images. Every result names the network (file, sha256 
 import json
 import os
 import time
-from types import SimpleNamespace
 
 from checkpoint import load_models
 from cli import Parser, UserError, run
 from data_loader import crop_for
-from fid import features_of, fid_kid, folder_source, generated_batches, load_network, real_features, synthetic_source
+from fid import (features_of, fid_kid, folder_source, generated_batches, load_network, real_features, sha256,
+                 synthetic_source)
 from utils import pick_device
 
 MAX_REAL = 50_000  # real images used at most by default (a fixed random subset of a larger folder)
@@ -74,8 +74,8 @@ def real_sets(args, config, imsize):
     out = []
     for real, crop in zip(reals, crops):
         if real == "synthetic":
-            cfg = SimpleNamespace(synthetic_size=config.get("synthetic_size", 20_000), seed=config.get("seed", 0))
-            dataset, source = synthetic_source(cfg.synthetic_size, imsize, cfg.seed)
+            # the run's own built-in faces (face i depends on the seed and i only)
+            dataset, source = synthetic_source(config.get("synthetic_size", 20_000), imsize, config.get("seed", 0))
             out.append((dataset, source, None))
             continue
         if not os.path.isdir(real):
@@ -84,7 +84,7 @@ def real_sets(args, config, imsize):
             crop = 0 if config.get("dataset") == "synthetic" else crop_for(config, real)
         if crop < 0:
             raise UserError(f"--center_crop must not be negative, got {crop}")
-        dataset, source = folder_source(real, imsize, crop, cache, flag=f"--real")
+        dataset, source = folder_source(real, imsize, crop, cache, flag="--real")
         out.append((dataset, source, crop))
     return out
 
@@ -122,7 +122,6 @@ def evaluate(args):
 
 
 def _sha(net):
-    from fid import sha256
     return sha256(net.path) if net.path else None
 
 

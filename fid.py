@@ -341,11 +341,9 @@ def training_source(config, dataset):
     """(dataset, source key) of a run's own training data (`dataset` as make_dataset built it)."""
     if config.dataset == "synthetic":
         return synthetic_source(config.synthetic_size, config.imsize, config.seed)
-    from data_loader import folder_crops
-    parts = []
-    for path, crop in folder_crops(config):
-        from data_loader import find_images
-        parts.append((os.path.realpath(path), crop, folder_fingerprint(find_images(path), path)))
+    from data_loader import find_images, folder_crops
+    parts = [(os.path.realpath(path), crop, folder_fingerprint(find_images(path), path))
+             for path, crop in folder_crops(config)]
     return dataset, dict(what="the training images (--image_path)", folders=parts, imsize=config.imsize)
 
 
