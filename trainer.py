@@ -411,11 +411,11 @@ class Trainer:
             if self.dist.is_main:
                 if self.step % cfg.sample_step == 0 or self.step == cfg.total_step:
                     self.sample()
-                if self.step % cfg.model_save_step == 0 or self.step == cfg.total_step:
-                    self.save()
                 if self.fid and self.step % cfg.fid_every == 0:  # the EMA G, as samples use it
                     self.log(record := self.fid.measure(self.ema.model if self.ema else G, self.step))
                     print(fid_status(record), flush=True)
+                if self.step % cfg.model_save_step == 0 or self.step == cfg.total_step:
+                    self.save()
             # every rank stops at the same step, or the others would wait in a collective forever
             signum = max_over_ranks(self.stop.signum or 0) if self.dist.enabled else self.stop.signum
             if signum and self.step < cfg.total_step:
