@@ -24,7 +24,8 @@ from torchvision.transforms.functional import gaussian_blur
 
 from cli import Parser, UserError, run
 from fid import (INCEPTION_CONVS, INCEPTION_PARAMS, architecture, features_of, fid_kid, folder_source,
-                 load_network, real_batches, real_features, subset, synthetic_source)
+                 load_network, real_batches, real_features, subset, synthetic_source,
+                 TorchScriptInception)
 
 
 def shifted(x, k):
@@ -49,7 +50,9 @@ def check_architecture(net):
     print(f"network: {net.describe()}\narchitecture: {arch['convs']} convolution layers, "
           f"{arch['params']:,} parameters, features {arch['features'][1]}", flush=True)
     if net.name.startswith("inception"):
-        want = dict(convs=INCEPTION_CONVS, params=INCEPTION_PARAMS, features=(2, 2048))
+        want = dict(convs=INCEPTION_CONVS, features=(2, 2048))
+        if isinstance(net, TorchScriptInception):  # its batch norms hold beta, mean, var as parameters;
+            want["params"] = INCEPTION_PARAMS     # another port counts them otherwise
         wrong = {k: (arch[k], v) for k, v in want.items() if arch[k] != v}
         if wrong:
             raise UserError("the feature network is not the FID Inception-v3: "
