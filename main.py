@@ -20,7 +20,7 @@ from run_files import RunLock
 from sagan_models import check_attn, check_imsize, check_patch, default_attn
 from stopping import Diverged, Interrupted
 from trainer import Trainer
-from utils import pick_device
+from utils import default, pick_device
 
 
 def build_parser():
@@ -48,7 +48,12 @@ def parse_args(argv=None, **facts):
         chosen, why = precision.resolve(flags.precision, pick_device(flags.device), resuming=resuming)
     except ValueError as e:
         p.error(str(e))
-    return TrainConfig.from_flags(vars(flags), precision=chosen, precision_reason=why, **facts)
+    # FID while training: on by default only where it is cheap (CelebA on a GPU; minutes per
+    # evaluation on a CPU), at an N that suits the device
+    cuda = pick_device(flags.device).type == "cuda"
+    fid = dict(fid_every=default(flags.fid_every, 5000 if cuda and flags.dataset == "celeb" else 0),
+               fid_samples=default(flags.fid_samples, 10_000 if cuda else 500))
+    return TrainConfig.from_flags(vars(flags), precision=chosen, precision_reason=why, **fid, **facts)
 
 
 def check_config(c):
@@ -80,6 +85,10 @@ def check_config(c):
     check_patch(c.imsize, c.d_patch, default_attn(c.imsize, "d") if c.d_attn is None else c.d_attn)
     if not c.version or os.sep in c.version or c.version in (".", ".."):
         raise ValueError(f"--version {c.version!r} must be a plain folder name")
+    for name in ("fid_every", "fid_samples"):  # None: the device's default (parse_args)
+        if getattr(c, name) is not None and getattr(c, name) < (0 if name == "fid_every" else 2):
+            raise ValueError(f"--{name} must be {'non-negative' if name == 'fid_every' else 'at least 2'}, "
+                             f"got {getattr(c, name)}")
 
 
 def dataset_for(config):

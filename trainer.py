@@ -27,6 +27,7 @@ from cli import reason
 from data_loader import training_batches
 from distributed import DistInfo, max_over_ranks, mean_over_ranks, sync_batchnorm, wrap
 from ema import EMA
+from fid import status as fid_status, training_fid
 from losses import D_LOSSES, g_adversarial, gradient_penalty
 from metrics import append_record, make_record, read_records, status_line, write_records
 import precision
@@ -88,6 +89,7 @@ class Trainer:
         self.last_saved = None  # (step, path) of the newest checkpoint known to be good
         self.ema = EMA(self.G, config.ema_decay, config.ema_start) if config.ema_decay > 0 else None
         self._bn_step = None  # the step the EMA G's BatchNorm statistics were last made its own
+        self.fid = training_fid(config, dataset, self.device) if self.dist.is_main else None
 
         if config.resume or exists(config.pretrained_model):
             self.resume()
@@ -209,9 +211,9 @@ class Trainer:
             self._to_dashboard(record)
 
     def _to_dashboard(self, record):
-        if self.dashboard:
-            self.dashboard.scalars("loss", record["step"], record)
-            self.dashboard.scalars("gamma", record["step"], record)
+        if self.dashboard:  # an FID record (fid.py) has its own window; a training record the others
+            for win in (("fid",) if "fid" in record else ("loss", "gamma")):
+                self.dashboard.scalars(win, record["step"], record)
 
     def log(self, record):
         append_record(self.metrics_path, record)
@@ -347,6 +349,9 @@ class Trainer:
             if self.dist.is_main:
                 if self.step % cfg.sample_step == 0 or self.step == cfg.total_step:
                     self.sample()
+                if self.fid and self.step % cfg.fid_every == 0:  # the EMA G, as samples use it
+                    self.log(record := self.fid.measure(self.ema_generator() if self.ema else G, self.step))
+                    print(fid_status(record), flush=True)
                 if self.step % cfg.model_save_step == 0 or self.step == cfg.total_step:
                     self.save()
             # every rank stops at the same step, or the others would wait in a collective forever
