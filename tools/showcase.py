@@ -61,6 +61,8 @@ def training_time(metrics_path):
     """Seconds spent in training steps (startup, sampling and saving excluded), from metrics.jsonl."""
     total, last = 0.0, 0
     for r in read_records(metrics_path):
+        if "it_s" not in r:  # an FID record (fid.py), not a training one
+            continue
         total += (r["step"] - last) / r["it_s"]
         last = r["step"]
     return total, last
