@@ -19,11 +19,12 @@ from torch.nn.utils.parametrizations import _SpectralNorm
 
 class FP32SpectralNorm(_SpectralNorm):
     """torch's spectral-norm parametrization with autocast switched off inside it: the same state
-    dict keys and buffers, the same numbers as without autocast."""
+    dict keys and buffers, the same numbers as without autocast (the weight is the fp32 parameter, or
+    float64 where a test builds the network in double)."""
 
     def forward(self, weight):
         with torch.autocast(weight.device.type, enabled=False):
-            return super().forward(weight.float())
+            return super().forward(weight)
 
 
 def SN(layer, n_power_iterations=1, eps=1e-12):

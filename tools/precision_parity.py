@@ -97,7 +97,7 @@ def scores(args, run_dir):
         "--batch_size", str(args.eval_batch_size), "--kid_subset_size", str(args.kid_subset_size),
         "--cache_dir", os.path.join(args.out, "fid_real"),
         *(["--feature_weights", args.feature_weights] if args.feature_weights else [])])
-    return evaluate.evaluate(ev)
+    return evaluate.evaluate(ev)[0]  # one result per --real set: here one
 
 
 def curves(run_dir):
