@@ -219,7 +219,6 @@ class Trainer:
         append_record(self.metrics_path, record)
         self._to_dashboard(record)
 
-    @torch.no_grad()
     def ema_generator(self):
         """The EMA G with BatchNorm statistics of its own (EMA.recompute_bn_stats: the copied ones
         are the trained G's), recomputed once per step at which it is sampled or saved."""
@@ -228,6 +227,7 @@ class Trainer:
             self._bn_step = self.step
         return self.ema.model
 
+    @torch.no_grad()
     def sample(self):
         """The fixed-z grid, drawn by the EMA generator when there is one."""
         G = self.ema_generator() if self.ema else self.G
