@@ -22,8 +22,8 @@ only looks things up:
   a seed's arrays are 1.3 MB before compression, so 8 seeds stay under 14 MB even if nothing
   compressed (near-uniform noisy maps, the worst case, come close; peaked maps compress well);
 - the top-k cells of both maps with their values, and the statistics (top-k mass, H/logN, mean
-  distance and the uniform distance) of the weights and of the normalised contribution
-  (contribution_stats), are computed from the exact float rows, by attention.py's functions;
+  distance and the uniform distance) of the weights and of the normalised contribution are computed
+  from the exact float rows by the table's own functions (attention_stats.row_measures, normalise);
 - the interventions are two PNGs per G layer and seed, with their mean absolute pixel change.
 
 Geometry: the page maps a mouse pixel to a feature cell with the same formula as
@@ -42,7 +42,7 @@ import torch
 
 from attention import TOPK, attention_layers, attention_rows, contribution_rows, gamma, intervene, z_for_seeds
 from attention_colors import lut
-from attention_stats import entropy_norm, mean_distance, topk_mass, uniform_distance
+from attention_stats import normalise, row_measures, uniform_distance
 from utils import to_image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,30 +86,23 @@ def png_data_uri(image):
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def contribution_stats(contrib, queries, map_hw, img_hw, k=TOPK):
-    """The figures' three numbers of contribution rows (Q, N) rather than of the weights: each row
-    normalised to sum 1 (where each query's added vector comes from), then its top-k share, H/logN
-    and mean distance (attention.py's functions): (Q, 3), NaN for a row that adds nothing (gamma 0)."""
-    total = contrib.sum(dim=1, keepdim=True)                             # (Q, 1)
-    p = contrib / total.clamp_min(1e-30)
-    stats = torch.stack([topk_mass(p, k), entropy_norm(p), mean_distance(p, queries, map_hw, img_hw)], dim=1)
-    return torch.where(total > 0, stats, torch.nan)                      # (Q, 3)
-
-
 @torch.no_grad()
 def layer_data(layer, features, img_hw, k=TOPK):
     """Everything the page shows for one layer of one image, every query cell: packed arrays."""
     H, W = features.shape[2:]
     N = H * W
     queries = torch.arange(N)
-    rows = attention_rows(layer, features, queries)[0]                   # (N, N)
-    contrib = contribution_rows(layer, features, queries)[0]            # (N, N)
+    rows = attention_rows(layer, features, queries)                      # (1, N, N)
+    contrib = contribution_rows(layer, features, queries, rows=rows)     # (1, N, N)
     v_norm = layer.project(features)[2].norm(dim=1)[0]                  # (N,): ||v_k||, for the page's
                                                                         # contribution map
-    stats = torch.stack([topk_mass(rows, k), entropy_norm(rows),
-                         mean_distance(rows, queries, (H, W), img_hw)], dim=1)  # (N, 3)
-    cstats = contribution_stats(contrib, queries, (H, W), img_hw, k)      # (N, 3)
-    rows, contrib = rows.cpu().numpy(), contrib.cpu().numpy()
+
+    def measures(p):  # the table's numbers (attention_stats.row_measures) of every query: (N, 3)
+        m = row_measures(p.cpu(), queries, (H, W), img_hw, k, with_qi=False)
+        return torch.stack([m["top_mass"][0], m["entropy"][0], m["dist"][0]], dim=1)
+
+    stats, cstats = measures(rows), measures(normalise(contrib))  # NaN where a row adds nothing
+    rows, contrib = rows[0].cpu().numpy(), contrib[0].cpu().numpy()
     top, top_w = topk_rows(rows, k)
     ctop, ctop_w = topk_rows(contrib, k)
     return dict(weights=pack(quantise_rows(rows), "u1"), v_norm=pack(v_norm.cpu().numpy(), "f4"),

@@ -79,12 +79,13 @@ def stats_text(s):
             f"H/logN {s['entropy']:.2f}  dist {s['dist']:.1f}px (uniform {s['dist_uniform']:.1f})")
 
 
-def row_measures(rows, queries, map_hw, img_hw, k=TOPK):
+def row_measures(rows, queries, map_hw, img_hw, k=TOPK, with_qi=True):
     """The numbers of rows (B, Q, N) of flattened query indices `queries` (Q,), per image and query:
-    dict(top_mass, entropy, dist) each (B, Q), and qi (B,) (query_independence, when Q >= 2)."""
+    dict(top_mass, entropy, dist) each (B, Q), and qi (B,) (query_independence, when Q >= 2 and
+    `with_qi`: it costs O(Q^2 N), too much for every query of a large map)."""
     out = dict(top_mass=topk_mass(rows, k), entropy=entropy_norm(rows),
                dist=mean_distance(rows, queries, map_hw, img_hw))
-    if rows.shape[1] >= 2:
+    if with_qi and rows.shape[1] >= 2:
         out["qi"] = query_independence(rows)
     return out
 
