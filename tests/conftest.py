@@ -42,6 +42,17 @@ def run_inprocess(args):
     return None
 
 
+def whole_and_resumed(tmp_path, base, K, before_resume=None):
+    """Train `base` (flags) 2K steps in one run ('whole') and as K steps, then --resume to 2K
+    ('split'), in process; `before_resume()` runs between. Returns both runs' metrics records."""
+    assert run_inprocess(base + out_args(tmp_path, "whole") + ["--total_step", str(2 * K)]) is None
+    assert run_inprocess(base + out_args(tmp_path, "split") + ["--total_step", str(K)]) is None
+    if before_resume:
+        before_resume()
+    assert run_inprocess(base + out_args(tmp_path, "split") + ["--total_step", str(2 * K), "--resume"]) is None
+    return metrics(tmp_path / "models" / "whole"), metrics(tmp_path / "models" / "split")
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test (2 shared cores: a second spinning thread slows tiny steps)."""

@@ -11,7 +11,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 import main
 import precision
 from checkpoint import load_checkpoint
-from conftest import TINY, metrics, out_args, run_inprocess
+from conftest import TINY, metrics, out_args, run_inprocess, whole_and_resumed
 from spectral import SN
 
 CPU = torch.device("cpu")
@@ -73,10 +73,7 @@ def test_bf16_k_steps_resume_k_steps_equals_2k_steps_bitwise(tmp_path):
     """test_safety's exact-resume test, in bf16 on CPU: K mid-epoch, 2K across one."""
     K = 10  # 64 images / batch 4 = 16 steps per epoch
     base = TINY + ["--precision", "bf16", "--model_save_step", str(K)]
-    assert run_inprocess(base + out_args(tmp_path, "whole") + ["--total_step", str(2 * K)]) is None
-    assert run_inprocess(base + out_args(tmp_path, "split") + ["--total_step", str(K)]) is None
-    assert run_inprocess(base + out_args(tmp_path, "split") + ["--total_step", str(2 * K), "--resume"]) is None
-    whole, split = metrics(tmp_path / "models" / "whole"), metrics(tmp_path / "models" / "split")
+    whole, split = whole_and_resumed(tmp_path, base, K)
     assert [r["step"] for r in whole] == [r["step"] for r in split] == list(range(1, 2 * K + 1))
     keys = [k for k in whole[0] if k.endswith("loss") or k.startswith(("d_loss", "gamma/"))]
     assert max(abs(a[k] - b[k]) for a, b in zip(whole, split) for k in keys) == 0.0
@@ -179,13 +176,9 @@ def test_auto_resume_keeps_the_runs_choice_and_is_bitwise_exact(tmp_path, monkey
     K = 3
     base = TINY + ["--precision", "auto", "--model_save_step", str(K)]
     probe_says(2.0)
-    assert run_inprocess(base + out_args(tmp_path, "whole") + ["--total_step", str(2 * K)]) is None
-    assert run_inprocess(base + out_args(tmp_path, "split") + ["--total_step", str(K)]) is None
-    probe_says(0.5)
-    assert run_inprocess(base + out_args(tmp_path, "split") + ["--total_step", str(2 * K), "--resume"]) is None
+    whole, split = whole_and_resumed(tmp_path, base, K, before_resume=lambda: probe_says(0.5))
     config = json.loads((tmp_path / "models" / "split" / "config.json").read_text())
     assert config["precision"] == "bf16" and config["precision_reason"].startswith("auto: kept from the run")
-    whole, split = metrics(tmp_path / "models" / "whole"), metrics(tmp_path / "models" / "split")
     assert [(r["d_loss"], r["g_loss"]) for r in whole] == [(r["d_loss"], r["g_loss"]) for r in split]
     # a fresh auto run today follows today's probe
     fresh = main.parse_args(base + out_args(tmp_path, "fresh"))

@@ -23,7 +23,7 @@ from PIL import Image
 import main
 import visdom_server
 from checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_generator
-from conftest import ROOT, TINY, free_port, metrics, out_args, run_inprocess, wait_for
+from conftest import ROOT, TINY, free_port, metrics, out_args, run_inprocess, wait_for, whole_and_resumed
 from data_loader import ImageFolderFlat, synthetic_face
 from utils import rng_state
 
@@ -153,10 +153,7 @@ def test_k_steps_resume_k_steps_equals_2k_steps_bitwise(tmp_path):
     """wgan-gp draws noise for z and for the penalty's mixing; K is mid-epoch and 2K crosses one."""
     K = 10  # 64 images / batch 4 = 16 steps per epoch
     base = TINY + ["--adv_loss", "wgan-gp", "--model_save_step", str(K)]
-    assert run_inprocess(base + out_args(tmp_path, "whole") + ["--total_step", str(2 * K)]) is None
-    assert run_inprocess(base + out_args(tmp_path, "split") + ["--total_step", str(K)]) is None
-    assert run_inprocess(base + out_args(tmp_path, "split") + ["--total_step", str(2 * K), "--resume"]) is None
-    whole, split = metrics(tmp_path / "models" / "whole"), metrics(tmp_path / "models" / "split")
+    whole, split = whole_and_resumed(tmp_path, base, K)
     assert [r["step"] for r in whole] == [r["step"] for r in split] == list(range(1, 2 * K + 1))
     keys = [k for k in whole[0] if k in LOSSES + ("d_gp",) or k.startswith("gamma/")]
     diff = max(abs(a[k] - b[k]) for a, b in zip(whole, split) for k in keys)
