@@ -75,3 +75,26 @@ def test_gpu_checks_that_take_a_device_pass_on_cpu(capsys):
     gpu_check.spectral_norm_stays_fp32(torch.device("cpu"))
     out = capsys.readouterr().out
     assert gpu_check.failures == [] and "PASS  spectral norm in fp32 under bfloat16 autocast on cpu" in out
+
+
+def test_bench_explicit_attn_row_materialises_every_map_then_restores_the_limit():
+    import sagan_models
+    from tools.bench import explicit_attention
+    limit = sagan_models.CPU_EXPLICIT_MAX_N
+    q, k, v = torch.randn(2, 4, 1024), torch.randn(2, 4, 1024), torch.randn(2, 32, 1024)  # 32x32 > the limit
+    seen = {}
+
+    def step(real):
+        seen["limit"] = sagan_models.CPU_EXPLICIT_MAX_N
+        seen["out"] = sagan_models.attention_output(q, k, v)
+        raise RuntimeError("the step failed")
+
+    with pytest.raises(RuntimeError):
+        explicit_attention(step)(None)
+    assert seen["limit"] >= 1024 and sagan_models.CPU_EXPLICIT_MAX_N == limit  # restored after a failure too
+    explicit = torch.bmm(torch.bmm(q.transpose(1, 2), k).softmax(-1), v.transpose(1, 2))
+    torch.testing.assert_close(seen["out"], explicit)
+    r = run_tool("tools.bench", *SMOKE, "--steps", "1", "--warmup", "0", "--device", "cpu", "--only", "ours",
+                 "--rows", "fp32,fp32+explicit_attn", "--peak_size", "64", "--peak_repeats", "1")
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout.strip().splitlines()[-1])["rows"]) == {"fp32", "fp32+explicit_attn"}

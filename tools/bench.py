@@ -9,7 +9,8 @@ heykeetae's code) at the same architecture, all in one process.
     python -m tools.bench --precision bf16                  # main.py's --precision alone: that one row
 
 Rows (--rows, comma-separated): a precision (fp32, bf16, fp16, auto) with optional '+channels_last',
-'+compile', '+reuse_fake'; every other flag of main.py applies to all rows. The rows and the naive
+'+compile', '+reuse_fake', '+explicit_attn' (every attention map materialised on CPU, not only
+those up to sagan_models.CPU_EXPLICIT_MAX_N); every other flag of main.py applies to all rows. The rows and the naive
 SAGAN alternate step by step after warm-up, so load from other processes hits all alike: the medians
 are printed with each row's ratio to the first row as the median and range of the per-round ratios
 (a wide range means the machine was busy: trust an idle machine's run).
@@ -39,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import main as sagan_main
 import precision
+import sagan_models
 from cli import Parser, run
 from tools.naive_sagan import NaiveTrainer
 from trainer import Trainer
@@ -47,14 +49,27 @@ from utils import pick_device
 PROG = "tools.bench"
 # main.py's defaults are the 64px, widths 64, batch 64 model; the bench times that unless told
 DEFAULT_ROWS = "fp32,auto"
-MODIFIERS = {"channels_last": "--channels_last", "compile": "--compile", "reuse_fake": "--reuse_fake"}
+MODIFIERS = {"channels_last": "--channels_last", "compile": "--compile", "reuse_fake": "--reuse_fake",
+             "explicit_attn": None}  # no flag: the row's steps compute every CPU attention map explicitly
+
+
+def explicit_attention(step):
+    """`step` with sagan_models.CPU_EXPLICIT_MAX_N raised to any size while it runs: the candidate of
+    materialising the map (bmm + softmax) instead of the flash kernel at every resolution on CPU."""
+    def run(real):
+        saved, sagan_models.CPU_EXPLICIT_MAX_N = sagan_models.CPU_EXPLICIT_MAX_N, 1 << 62
+        try:
+            return step(real)
+        finally:
+            sagan_models.CPU_EXPLICIT_MAX_N = saved
+    return run
 
 
 def bench_args(argv=None):
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--rows", default=None,
                    help="comma-separated precisions to time, each optionally +channels_last, +compile, "
-                        f"+reuse_fake (default {DEFAULT_ROWS}); the first row is the ratios' reference")
+                        f"+reuse_fake, +explicit_attn (default {DEFAULT_ROWS}); the first row is the ratios' reference")
     p.add_argument("--steps", type=int, default=5, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
     p.add_argument("--only", choices=["both", "ours", "naive"], default="both",
@@ -137,7 +152,7 @@ class Side:
 
 def row_config(row, rest, workdir):
     prec, *mods = row.split("+")
-    return sagan_main.parse_args(rest + ["--precision", prec, *(MODIFIERS[m] for m in mods),
+    return sagan_main.parse_args(rest + ["--precision", prec, *(MODIFIERS[m] for m in mods if MODIFIERS[m]),
                                          "--dataset", "synthetic", "--no_visdom", "--version", "bench",
                                          "--model_save_path", workdir, "--sample_path", workdir])
 
@@ -151,7 +166,8 @@ def build(args, rest, workdir):
     if args.only in ("both", "ours"):
         for row in args.rows:
             c = row_config(row, rest, workdir)
-            key = (c.precision, *row.split("+")[1:])
+            mods = row.split("+")[1:]
+            key = (c.precision, *mods)
             if key in seen:
                 aliases[row] = (seen[key], c.precision_reason)
                 continue
@@ -159,7 +175,8 @@ def build(args, rest, workdir):
             trainer = Trainer(c, dataset=None)
             trainer.G.train(), trainer.D.train()
             first = first or trainer
-            sides.append(Side(row, trainer.train_step, device, rss, c.precision, c.precision_reason))
+            step = explicit_attention(trainer.train_step) if "explicit_attn" in mods else trainer.train_step
+            sides.append(Side(row, step, device, rss, c.precision, c.precision_reason))
     if args.only in ("both", "naive"):
         naive = NaiveTrainer(config.imsize, config.z_dim, config.g_conv_dim, config.d_conv_dim,
                              config.g_attn, config.d_attn, device, config.g_lr, config.d_lr,
