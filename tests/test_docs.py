@@ -219,11 +219,15 @@ def runs_on_the_quick_run(args):
 
 
 def run_explorer(at, args, checkpoint, tmp_path):
-    """The command on the 4-step smoke run instead of models/quick, its --out in tmp_path."""
+    """The command on the 4-step smoke run instead of models/quick, its --out and --table_out in tmp_path
+    (a documented command that makes an asset must not overwrite it from the smoke run)."""
     args = list(args)
     i = args.index("--checkpoint")
     args[i + 1] = checkpoint if args[i + 1].endswith(".pt") else os.path.dirname(checkpoint)
     out = None
+    if "--table_out" in args:
+        j = args.index("--table_out")
+        args[j + 1] = str(tmp_path / Path(args[j + 1]).name)
     if "--out" in args:
         j = args.index("--out")
         out = args[j + 1] = str(tmp_path / Path(args[j + 1]).name)
