@@ -78,8 +78,8 @@ from attention_figures import save_figure
 from checkpoint import ckpt_name, load_generator, saved_steps
 from cli import Parser, UserError, run
 from data_loader import synthetic_face
-from experiments.eye_metrics import (eye_agreement, eye_attention, eye_cells, eye_layout, pair_score, read_irises,
-                                     region_masks)
+from experiments.eye_metrics import (drawing, eye_agreement, eye_attention, eye_cells, eye_layout, pair_score,
+                                     read_irises, region_masks)
 from experiments.mechanism import mechanism
 from explorer import Explorer
 from utils import denorm
@@ -237,7 +237,7 @@ def face_score(images, layout, tol, seed=0):
     colours = read_irises(images, layout)["colours"]
     s = pair_score(colours, seed=seed)
     return dict(points=float(s["points"]), ci=[float(v) for v in s["ci"]],
-                threshold=float(100 * eye_agreement(colours, tol)["excess"].mean()))
+                threshold=float(100 * eye_agreement(colours, tol)["excess"].mean()), **drawing(images, layout))
 
 
 def checkpoint_score(args, arm, seed, step, layout):
@@ -270,7 +270,9 @@ def score_run(args, arm, seed, layout):
     its last checkpoint, for a G with attention: eye attention, the causal test and the mechanism."""
     steps, last = endpoint_steps(args, arm, seed)
     series = [dict(step=s, **checkpoint_score(args, arm, seed, s, layout)) for s in steps]
-    out = dict(series=series, endpoint=float(np.mean([p["points"] for p in series if p["step"] in last])),
+    at_end = [p for p in series if p["step"] in last]
+    out = dict(series=series, endpoint=float(np.mean([p["points"] for p in at_end])),
+               drawing={k: float(np.mean([p.get(k, np.nan) for p in at_end])) for k in ("layout", "diversity")},
                endpoint_steps=last)
     G = load_generator(os.path.join(run_dir(args, arm, seed), ckpt_name(args.steps)), ema=False, verbose=False)
     names = list(attention_layers(G))
@@ -407,6 +409,7 @@ def aggregate(args, scored):
     for arm in args.arms:
         per_seed = [scored[(arm, s)] for s in args.seeds]
         a = dict(name=ARMS[arm]["name"], endpoint=seed_interval([p["endpoint"] for p in per_seed]),
+                 drawing={k: seed_interval([p["drawing"][k] for p in per_seed]) for k in ("layout", "diversity")},
                  endpoint_steps=per_seed[0]["endpoint_steps"],
                  series={str(s): p["series"] for s, p in zip(args.seeds, per_seed)})
         if "removed" in per_seed[0]:
@@ -453,9 +456,14 @@ def tables(res):
            f"Eye-colour rule score ({args['imsize']}px, conv_dim {args['conv_dim']}, batch {args['batch_size']}, "
            f"{args['steps']} steps, seeds {','.join(map(str, args['seeds']))}; {args['num_samples']} faces per "
            f"checkpoint): points above chance (50 = every face's eyes match best, 0 = no rule), the endpoint "
-           f"a run's mean over steps {last}; mean over seeds [95% t interval over seeds] (each seed).", "",
-           "| arm | what it is | endpoint |", "|---|---|---|"]
-    out += [f"| {arm} | {a['name']} | {span(a['endpoint'])} |" for arm, a in arms.items()]
+           f"a run's mean over steps {last}; mean over seeds [95% t interval over seeds] (each seed). Whether G "
+           f"draws faces at all, over the same steps: layout = correlation of the mean generated image with the "
+           f"built-in faces' mean image (1 = their layout, about 0 for a texture), diversity = per-pixel sd "
+           f"across images over the built-in faces' (0 = every image the same); an arm that draws no faces "
+           f"reads at chance without having been tested.", "",
+           "| arm | what it is | endpoint | layout | diversity |", "|---|---|---|---|---|"]
+    out += [f"| {arm} | {a['name']} | {span(a['endpoint'])} | {span(a['drawing']['layout'], '{:.2f}')} | "
+            f"{span(a['drawing']['diversity'], '{:.2f}')} |" for arm, a in arms.items()]
     out += ["", f"Seed-matched differences of endpoints (points), verdict at a margin of +-{MARGIN:g} points:", "",
             "| comparison | arms | difference | verdict |", "|---|---|---|---|"]
     out += [f"| {name} | {c['arm']} - {c['baseline']} | {span(c)} | {c['verdict']} |"

@@ -33,8 +33,18 @@ from data_loader import synthetic_face
 def eye_layout(imsize, n=2000, seed=12345):
     """Where eyes lie, from `n` built-in faces: dict(mean=(2 eyes, xy) centres in pixel coordinates,
     windows=[(x0, x1, y0, y1) inclusive per eye] the drawn centres' range (the figures' eye band),
-    imsize, centres=(n, 2 eyes, xy) every face's eye centres in continuous image coordinates)."""
-    centres = np.array([synthetic_face(np.random.default_rng([seed, i]), imsize)[1]["eyes_xy"] for i in range(n)])
+    imsize, centres=(n, 2 eyes, xy) every face's eye centres in continuous image coordinates,
+    face_mean=(H, W, 3) the faces' mean image in [0, 1], face_sd=their mean per-pixel sd: drawing()'s
+    reference)."""
+    total, total_sq, centres = 0.0, 0.0, []
+    for i in range(n):
+        image, meta = synthetic_face(np.random.default_rng([seed, i]), imsize)
+        image = image.astype(np.float64) / 255.0
+        total, total_sq = total + image, total_sq + image ** 2
+        centres.append(meta["eyes_xy"])
+    centres = np.array(centres)
+    face_mean = total / n
+    face_sd = float(np.sqrt(np.maximum(total_sq / n - face_mean ** 2, 0.0)).mean())
     eyes = centres - 0.5  # (n, 2 eyes, xy) continuous -> pixel-centre coordinates
     mean = eyes.mean(axis=0)  # (2, 2)
     lo, hi = np.floor(eyes.min(axis=0)) - 1, np.ceil(eyes.max(axis=0)) + 1
@@ -43,7 +53,19 @@ def eye_layout(imsize, n=2000, seed=12345):
     mid = int(np.floor(mean[:, 0].mean()))
     hi[0, 0], lo[1, 0] = min(hi[0, 0], mid), max(lo[1, 0], mid + 1)
     windows = [tuple(int(v) for v in (lo[e, 0], hi[e, 0], lo[e, 1], hi[e, 1])) for e in range(2)]
-    return dict(mean=mean, windows=windows, imsize=imsize, centres=centres)
+    return dict(mean=mean, windows=windows, imsize=imsize, centres=centres, face_mean=face_mean, face_sd=face_sd)
+
+
+def drawing(images, layout):
+    """Whether a set of images (B, H, W, 3) in [0, 1] are faces at all, before any eye is read:
+    dict(layout = correlation of the set's mean image with the built-in faces' mean image (1: their
+    layout; about 0 for noise or a texture), diversity = the set's mean per-pixel sd over the built-in
+    faces' (1: as varied as they are; 0: every image the same, a collapsed G)). A G that draws no faces
+    reads at chance on the eye score without having been tested: these say so."""
+    mean = images.mean(axis=0)
+    corr = np.corrcoef(mean.ravel(), layout["face_mean"].ravel())[0, 1]
+    return dict(layout=float(0.0 if np.isnan(corr) else corr),
+                diversity=float(images.std(axis=0).mean() / layout["face_sd"]))
 
 
 def eye_agreement(colours, tol):

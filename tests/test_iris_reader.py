@@ -70,3 +70,22 @@ def test_pair_score_is_chance_without_a_rule_and_ceiling_with_one():
     assert pair_score(np.ones((50, 2, 3)))["points"] == 0
     H = pair_probabilities(same)
     assert (np.diag(H) == 0).all() and H.shape == (300, 300)
+
+
+def test_drawing_tells_faces_from_a_collapsed_g_a_texture_and_noise():
+    """drawing(): the check that a G draws faces at all before its eyes are scored. Known answers:
+    built-in faces (layout and diversity near 1), one face repeated (diversity 0), a tiled texture
+    like the collapsed patch-D generator's (neither), noise (no layout)."""
+    from experiments.eye_metrics import drawing
+    S = 64
+    layout = eye_layout(S, n=500)
+    faces = real_faces(200, S)
+    d = drawing(faces, layout)
+    assert d["layout"] > 0.9 and 0.8 < d["diversity"] < 1.2, d
+    one = drawing(np.repeat(faces[:1], 200, axis=0), layout)
+    assert one["diversity"] < 1e-6, one  # (its layout is one face's, not the mean face's)
+    rng = np.random.default_rng(0)
+    tile = np.tile(rng.random((1, 4, 4, 3)), (200, S // 4, S // 4, 1))  # one 4x4 texture, every image alike
+    t = drawing(tile, layout)
+    assert abs(t["layout"]) < 0.3 and t["diversity"] < 1e-6, t
+    assert abs(drawing(rng.random((200, S, S, 3)), layout)["layout"]) < 0.3
