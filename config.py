@@ -94,8 +94,8 @@ class TrainConfig:
     d_attn: Optional[tuple] = flag(None, "D feature-map resolutions with self-attention, or 'none' "
                                          "(default: 8,4)",
                                    feeds=dict(D="attn_res"), type=attn_list, metavar="RES[,RES]")
-    d_patch: int = flag(0, "a patch D: stop at this resolution and average per-patch scores, each "
-                           "from a shared and a per-position head (0: the whole-image D)", feeds=dict(D="patch_res"), feeds_when_set=True, metavar="RES")
+    d_patch: int = flag(0, "a patch D: stop at this resolution and average per-patch scores (0: the "
+                           "whole-image D)", feeds=dict(D="patch_res"), feeds_when_set=True, metavar="RES")
     lambda_gp: float = flag(10.0, "gradient-penalty weight for wgan-gp")
     # training
     total_step: int = flag(1_000_000, "generator updates to train for")

@@ -236,9 +236,8 @@ class Discriminator(nn.Module):
         self.attn_res = sorted(attn_res, reverse=True)
         check_attn(image_size, self.attn_res, "d")
         check_patch(image_size, patch_res, self.attn_res)
-        # patch_res: stop at that resolution and score every position by a 1x1 conv plus that position's
-        # own weights, the image's score their mean: a patch discriminator that knows where each patch
-        # is but whose only view wider than its receptive field is attention
+        # patch_res: stop at that resolution and score every position by a 1x1 conv, the image's score
+        # their mean: a patch discriminator whose only view wider than its receptive field is attention
         self.resolutions = [r for r in d_resolutions(image_size) if r >= (patch_res or 0)]
         ch = [_channels(conv_dim, image_size, r) for r in self.resolutions]
 
@@ -249,11 +248,6 @@ class Discriminator(nn.Module):
         self.attn = nn.ModuleDict({str(r): Self_Attn(c) for r, c in zip(self.resolutions, ch)
                                    if r in self.attn_res})
         self.last = SN(nn.Conv2d(ch[-1], 1, 1 if patch_res else 4))  # 4x4 -> 1x1, or a score per patch
-        if patch_res:
-            # each position also has its own weights over the features (norm at most 1 per position, as
-            # spectral norm bounds the shared head): a patch D without them is translation invariant,
-            # cannot ask for a face's layout and collapses G to one tiled texture (docs/experiments.md)
-            self.where = nn.Parameter(torch.zeros(1, ch[-1], patch_res, patch_res))
 
     def model_args(self):
         """patch_res is named only when set, so the checkpoints of the seed's D keep their model_args."""
@@ -262,9 +256,5 @@ class Discriminator(nn.Module):
 
     def forward(self, x, return_attn=False, queries=None):
         x, maps = _ladder(self, x, return_attn, queries)
-        if self.patch_res:
-            where = self.where / self.where.norm(dim=1, keepdim=True).clamp(min=1.0)  # (1, C, R, R)
-            score = (self.last(x) + (x * where).sum(1, keepdim=True)).flatten(1).mean(1)  # (B,)
-        else:
-            score = self.last(x).flatten()  # (B,)
+        score = self.last(x).flatten(1).mean(1) if self.patch_res else self.last(x).flatten()  # (B,)
         return (score, maps) if return_attn else score

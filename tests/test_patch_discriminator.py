@@ -1,8 +1,7 @@
 """The positive control's discriminator (Discriminator(patch_res=...), main.py --d_patch): without
 attention its score is a sum of local terms, so it cannot relate two eyes farther apart than its
 receptive field (what the long-range experiment's positive control rests on, with the receptive
-fields measured on built-in faces); with attention it can. Its head has weights per position, so it
-can ask for a face's layout. And a patch D trains and resumes through
+fields measured on built-in faces); with attention it can. And a patch D trains and resumes through
 main.py like any other."""
 import subprocess
 import sys
@@ -34,8 +33,6 @@ def test_patch_d_without_attention_cannot_relate_two_eyes_and_with_attention_can
     attn = Discriminator(64, conv_dim=8, attn_res=[32], patch_res=32).double().eval()
     with torch.no_grad():
         attn.attn["32"].gamma.fill_(1.0)  # trained attention is on; a new layer starts at gamma 0
-        for D in (patch, attn):
-            D.where.normal_()  # a trained per-position head: still one term per 4-pixel patch
     blind = interaction(patch, x, left, right)
     assert blind < 1e-13                                             # 4-pixel patches: blind to the pair
     assert interaction(whole, x, left, right) > 1e-6                 # the seed's D sees the whole image
@@ -82,20 +79,3 @@ def test_receptive_fields_the_positive_control_rests_on():
     assert both_irises_in_one_window(2, 4, -1) == 0        # the patch D at 32: never both irises
     assert 0 < both_irises_in_one_window(4, 10, -3) < 0.3  # at 16 some faces leak (51 of 500)
     assert both_irises_in_one_window(8, 22, -7) == 1       # the seed's D sees both by 8x8, in every face
-
-
-def test_patch_d_knows_where_a_patch_is():
-    """The per-position head: the same 4x4 block at two interior places scores the same under the
-    shared head alone (translation invariant: it cannot ask for a face's layout, and G collapsed to
-    one tiled texture) and differently once the positions have their own weights."""
-    D = Discriminator(64, conv_dim=8, attn_res=[], patch_res=32).double().eval()
-    at = []
-    for y, x in ((24, 16), (40, 40)):
-        img = torch.zeros(1, 3, 64, 64, dtype=torch.float64)
-        img[:, :, y:y + 4, x:x + 4] = 0.8
-        at.append(img)
-    with torch.no_grad():
-        same = (D(at[0]) - D(at[1])).abs().item()
-        D.where.normal_()
-        moved = (D(at[0]) - D(at[1])).abs().item()
-    assert same < 1e-12 and moved > 1e-4
