@@ -101,12 +101,17 @@ def scores(args, run_dir):
 
 
 def curves(run_dir):
-    """{series: {step: value}} of the losses and every gamma in metrics.jsonl."""
+    """{series: {step: value}} of the losses and every gamma's magnitude in metrics.jsonl. A gamma's
+    sign is not a property of the recipe: gamma·o is unchanged when gamma and the value projection
+    both change sign, and the same recipe's seeds do land on either sign (the showcase recipe's G32:
+    +0.13 on one seed, -0.13 on another), so signed seed-mean curves would average to about 0."""
     out = {}
     for r in read_records(os.path.join(run_dir, "metrics.jsonl")):
         for k, v in r.items():
-            if k in CURVES or k.startswith("gamma/"):
+            if k in CURVES:
                 out.setdefault(k, {})[r["step"]] = v
+            elif k.startswith("gamma/"):
+                out.setdefault("|" + k + "|", {})[r["step"]] = abs(v)
     return out
 
 
@@ -188,7 +193,9 @@ def main(argv=None):
             run_dir = train(args, prec, seed)
             s = scores(args, run_dir)
             c = curves(run_dir)
-            final = {k: v[max(v)] for k, v in c.items()}
+            final = {}  # every series' last logged value, gammas with their sign
+            for r in read_records(os.path.join(run_dir, "metrics.jsonl")):
+                final.update({k: v for k, v in r.items() if k in CURVES or k.startswith("gamma/")})
             step = load_checkpoint(os.path.join(run_dir, "latest.pt"))["step"]
             results.setdefault(prec, {})[seed] = dict(fid=s["fid"], kid=s["kid"], kid_std=s["kid_std"], step=step,
                                                       final=final, curves=c, run_dir=run_dir)
