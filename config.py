@@ -114,7 +114,7 @@ class TrainConfig:
                                 "(SyncBatchNorm)")
     device: str = flag("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     # speed (trainer.py); none of these changes the algorithm except --reuse_fake
-    precision: str = flag("fp32", "fp32; bf16 autocast (CPU or CUDA); fp16 autocast + loss scaling (CUDA); "
+    precision: str = flag("auto", "fp32; bf16 autocast (CPU or CUDA); fp16 autocast + loss scaling (CUDA); "
                                   "auto: bf16 where the GPU supports it or the CPU has bf16 units and a "
                                   "startup probe finds it faster, else fp32 (the run records which)",
                           choices=list(CHOICES))

@@ -155,16 +155,30 @@ def cached_probe(path=None, measure=True, keep_after=1.0):
         return None, "not measured"
     result = probe()
     if result["seconds"] > keep_after and not busy(result):  # a quicker probe is not worth a file
-        entries[key] = result
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(entries, f, indent=1)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only home: probe again next time
+        store_probe(result, path)
     return result, "measured"
+
+
+def store_probe(result, path=None):
+    """Keep `result` as this machine's probe in the cache file (atomically; other machines' entries
+    stay). A read-only home is not an error: the next run probes again."""
+    path = path or cache_path()
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+        if not isinstance(entries, dict):
+            entries = {}
+    except (OSError, ValueError):
+        entries = {}
+    entries[json.dumps(machine_key(), sort_keys=True)] = result
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(entries, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 # ----------------------------------------------------------------------------- the choice

@@ -25,6 +25,25 @@ SMOKE = ["--preset", "smoke"]
 TINY = SMOKE + ["--sample_step", "100000"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_precision_probe(tmp_path_factory):
+    """--precision auto (the default) probes bf16 against fp32 at every start unless a probe is cached,
+    and a probe under load is never cached: two runs of one test could then choose differently (a
+    resumed run and its uninterrupted twin must agree). So the session measures the probe once, for
+    the in-process runs' thread count and for the subprocesses' one thread, and caches it in a cache
+    folder of its own: every run of the session takes the real auto path and chooses the same."""
+    import precision
+    import torch
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    before = torch.get_num_threads()
+    try:
+        for threads in sorted({before, 1}):
+            torch.set_num_threads(threads)
+            precision.store_probe(precision.probe())
+    finally:
+        torch.set_num_threads(before)
+
+
 def out_args(tmp_path, version="run"):
     """Flags that put a run's folders under tmp_path, as run `version`."""
     return ["--model_save_path", str(tmp_path / "models"), "--sample_path", str(tmp_path / "samples"),

@@ -86,7 +86,7 @@ def test_bf16_k_steps_resume_k_steps_equals_2k_steps_bitwise(tmp_path):
             sb = {f"{i}.{k}": v for i, s in sb["state"].items() for k, v in s.items()}
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), part
     # and bf16 did compute something else than fp32 (the test would pass vacuously otherwise)
-    assert run_inprocess(TINY + out_args(tmp_path, "fp32") + ["--total_step", "2"]) is None
+    assert run_inprocess(TINY + out_args(tmp_path, "fp32") + ["--precision", "fp32", "--total_step", "2"]) is None
     fp32 = metrics(tmp_path / "models" / "fp32")
     assert any(fp32[i][k] != whole[i][k] for i in range(2) for k in ("d_loss", "g_loss"))
 
@@ -230,3 +230,16 @@ def test_parity_script_trains_both_precisions_and_compares_fid_and_curves(tmp_pa
     # run again: every run is finished, so nothing trains further and the numbers are the same
     again = precision_parity.main(argv)
     assert again["runs"] == report["runs"]
+
+
+def test_the_default_is_auto_and_the_run_says_what_it_chose(tmp_path):
+    """No --precision: auto decides (here from the session's one cached probe, tests/conftest.py) and
+    config.json records the resolved precision, never 'auto', with the reason."""
+    assert run_inprocess(TINY + out_args(tmp_path, "default") + ["--total_step", "1"]) is None
+    saved = json.loads((tmp_path / "models" / "default" / "config.json").read_text())
+    assert saved["precision"] in ("fp32", "bf16") and saved["precision_reason"].startswith("auto: ")
+    units = precision.bf16_units(precision.cpu_info()[1])
+    if units:
+        assert "probe (cached)" in saved["precision_reason"], saved["precision_reason"]
+    else:
+        assert saved["precision"] == "fp32"

@@ -28,7 +28,8 @@ ASSETS = os.path.dirname(SHOWCASE)
 # far enough to draw faces (see the note)
 TRAIN_FLAGS = ["--dataset", "celeb", "--imsize", "64", "--g_conv_dim", "32", "--d_conv_dim", "32",
                "--batch_size", "32", "--num_workers", "0", "--log_step", "50", "--sample_step", "500",
-               "--model_save_step", "500", "--no_visdom", "--version", "celeba64"]
+               "--model_save_step", "500", "--no_visdom", "--version", "celeba64",
+               "--precision", "fp32"]  # as the shipped model was trained (the default is auto)
 
 
 def build_parser():
