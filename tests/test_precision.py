@@ -240,6 +240,6 @@ def test_the_default_is_auto_and_the_run_says_what_it_chose(tmp_path):
     assert saved["precision"] in ("fp32", "bf16") and saved["precision_reason"].startswith("auto: ")
     units = precision.bf16_units(precision.cpu_info()[1])
     if units:
-        assert "probe (cached)" in saved["precision_reason"], saved["precision_reason"]
+        assert "probe (cached" in saved["precision_reason"], saved["precision_reason"]  # "(cached under load …)" too
     else:
         assert saved["precision"] == "fp32"
