@@ -36,10 +36,10 @@ If patch_attn does not beat patch_none, this budget cannot show an attention ben
 attention is the only route, and a null in gd vs none means nothing (the code says "cannot tell").
 G can still draw matching eyes by accident (one latent for both), so patch_none need not be at chance.
 As built, the patch arms do not work: in a 900-step pilot the 4 px patch D collapsed G to one tiled
-texture (every image alike, no face layout; per-position head weights did not help), where the
-seed's D had face-shaped, varied images by step 600 (docs/experiments.md). They are left out of the
-default arms until a positive control that trains faces exists; every score now comes with the
-drawing check (layout, diversity) that caught this.
+texture (every image alike, no face layout; per-position head weights and 1x1 depth per patch did
+not help), where the seed's D had face-shaped, varied images by step 600 (docs/experiments.md).
+They are left out of the default arms until a positive control that trains faces exists; every
+score now comes with the drawing check (layout, diversity) that caught this.
 
 The score (experiments/eye_metrics.py): the iris reader finds both eyes' iris regions and scores a
 set of faces by the probability that a face's own two irises are closer in colour than irises of two
