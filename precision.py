@@ -27,6 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from run_files import atomic_write_text
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHOICES = (*DTYPES, "auto")
 MIN_SPEEDUP = 1.15  # bf16 must beat fp32 by this much in the probe: noise must not pick a slower path
@@ -142,13 +144,7 @@ def cached_probe(path=None, measure=True, keep_after=1.0):
     measure=False, (None, 'not measured') when nothing is cached."""
     path = path or cache_path()
     key = json.dumps(machine_key(), sort_keys=True)
-    try:
-        with open(path) as f:
-            entries = json.load(f)
-        if not isinstance(entries, dict):
-            entries = {}
-    except (OSError, ValueError):
-        entries = {}
+    entries = _cache_entries(path)
     if key in entries:
         return entries[key], "cached"
     if not measure:
@@ -163,22 +159,23 @@ def store_probe(result, path=None):
     """Keep `result` as this machine's probe in the cache file (atomically; other machines' entries
     stay). A read-only home is not an error: the next run probes again."""
     path = path or cache_path()
-    try:
-        with open(path) as f:
-            entries = json.load(f)
-        if not isinstance(entries, dict):
-            entries = {}
-    except (OSError, ValueError):
-        entries = {}
+    entries = _cache_entries(path)
     entries[json.dumps(machine_key(), sort_keys=True)] = result
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(entries, f, indent=1)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(entries, indent=1))
     except OSError:
         pass
+
+
+def _cache_entries(path):
+    """The probe cache file's {machine key: result}; empty when it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
 
 
 # ----------------------------------------------------------------------------- the choice

@@ -101,17 +101,25 @@ def scores(args, run_dir):
 
 
 def curves(run_dir):
-    """{series: {step: value}} of the losses and every gamma's magnitude in metrics.jsonl. A gamma's
-    sign is not a property of the recipe: gamma·o is unchanged when gamma and the value projection
-    both change sign, and the same recipe's seeds do land on either sign (the showcase recipe's G32:
-    +0.13 on one seed, -0.13 on another), so signed seed-mean curves would average to about 0."""
+    """{series: {step: value}} of the losses and every gamma in metrics.jsonl."""
     out = {}
     for r in read_records(os.path.join(run_dir, "metrics.jsonl")):
         for k, v in r.items():
-            if k in CURVES:
+            if k in CURVES or k.startswith("gamma/"):
                 out.setdefault(k, {})[r["step"]] = v
-            elif k.startswith("gamma/"):
-                out.setdefault("|" + k + "|", {})[r["step"]] = abs(v)
+    return out
+
+
+def compared(c):
+    """The curves as compared: every gamma by its magnitude ('|gamma/G32|'). A gamma's sign is not a
+    property of the recipe: gamma·o is unchanged when gamma and the value projection both change
+    sign, and the same recipe's seeds do land on either sign (the showcase recipe's G32: +0.13 on one
+    seed, -0.13 on another), so signed seed-mean curves would average to about 0."""
+    out = {}
+    for k, series in c.items():
+        if k.startswith("gamma/"):
+            k, series = f"|{k}|", {s: abs(v) for s, v in series.items()}
+        out[k] = series
     return out
 
 
@@ -137,16 +145,16 @@ def compare(args, results):
                              kid_mean=statistics.fmean(kids), kid_range=[min(kids), max(kids)])
     # the curves: how far each precision's seed-mean curve is from the reference's, against how far
     # the reference's own seeds are from each other (the noise floor of "the same recipe")
-    ref_runs = [results[ref][s]["curves"] for s in args.seeds]
-    names = sorted(set.intersection(*(set(c) for p in args.precisions for c in
-                                      (results[p][s]["curves"] for s in args.seeds))))
+    runs = {p: [compared(results[p][s]["curves"]) for s in args.seeds] for p in args.precisions}
+    ref_runs = runs[ref]
+    names = sorted(set.intersection(*(set(c) for p in args.precisions for c in runs[p])))
     curve_gaps = {}
     for name in names:
         floor = (statistics.fmean(mean_abs_gap(a[name], b[name]) for i, a in enumerate(ref_runs)
                                   for b in ref_runs[i + 1:]) if len(ref_runs) > 1 else float("nan"))
         ref_mean = seed_mean(ref_runs, name)
         curve_gaps[name] = {"seed_to_seed_" + ref: floor, **{
-            p: mean_abs_gap(seed_mean([results[p][s]["curves"] for s in args.seeds], name), ref_mean)
+            p: mean_abs_gap(seed_mean(runs[p], name), ref_mean)
             for p in args.precisions[1:]}}
     verdicts = {}
     for p in args.precisions[1:]:
@@ -193,9 +201,7 @@ def main(argv=None):
             run_dir = train(args, prec, seed)
             s = scores(args, run_dir)
             c = curves(run_dir)
-            final = {}  # every series' last logged value, gammas with their sign
-            for r in read_records(os.path.join(run_dir, "metrics.jsonl")):
-                final.update({k: v for k, v in r.items() if k in CURVES or k.startswith("gamma/")})
+            final = {k: v[max(v)] for k, v in c.items()}
             step = load_checkpoint(os.path.join(run_dir, "latest.pt"))["step"]
             results.setdefault(prec, {})[seed] = dict(fid=s["fid"], kid=s["kid"], kid_std=s["kid_std"], step=step,
                                                       final=final, curves=c, run_dir=run_dir)
