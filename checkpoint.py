@@ -209,6 +209,24 @@ def restore(apply, ckpt, key, path):
                               f"is damaged: use another checkpoint") from None
 
 
+def restore_optimizer(opt, ckpt, key, path):
+    """opt.load_state_dict(ckpt[key]), then check that every stored moment has its parameter's shape.
+
+    An optimizer's state is stored by parameter position, not name, so a network whose layers are
+    registered in another order than when the file was saved loads without complaint, and the fused
+    Adam step then writes past the ends of the misplaced buffers (a crash or corrupted memory, not
+    an error). This turns that into a CheckpointError naming the file."""
+    restore(opt.load_state_dict, ckpt, key, path)
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            for name, value in opt.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                    raise CheckpointError(
+                        f"{path!r}: its {key!r} holds {name} of shape {tuple(value.shape)} for parameter {i}, "
+                        f"which has shape {tuple(p.shape)}: the file was saved by code that orders the "
+                        f"network's layers differently; resume it with that version of the code")
+
+
 def _rebuild(path, ckpt, cls, arch, weights):
     """cls(**ckpt['model_args'][arch]) with the state dict ckpt[weights] loaded, in eval mode; the
     types were checked by load_checkpoint, the values are the constructor's to check."""

@@ -21,8 +21,8 @@ import time
 import torch
 from torchvision.utils import save_image
 
-from checkpoint import (CheckpointError, check_architecture, ckpt_name, load_checkpoint, restore, resume_path,
-                        save_checkpoint)
+from checkpoint import (CheckpointError, check_architecture, ckpt_name, load_checkpoint, restore, restore_optimizer,
+                        resume_path, save_checkpoint)
 from cli import reason
 from data_loader import training_batches
 from distributed import DistInfo, max_over_ranks, mean_over_ranks, sync_batchnorm, wrap
@@ -168,8 +168,8 @@ class Trainer:
         check_architecture(ckpt, cfg, path)
         restore(self.G.load_state_dict, ckpt, "G", path)
         restore(self.D.load_state_dict, ckpt, "D", path)
-        restore(self.opt_g.load_state_dict, ckpt, "opt_g", path)
-        restore(self.opt_d.load_state_dict, ckpt, "opt_d", path)
+        restore_optimizer(self.opt_g, ckpt, "opt_g", path)
+        restore_optimizer(self.opt_d, ckpt, "opt_d", path)
         for opt, lr in ((self.opt_g, cfg.g_lr), (self.opt_d, cfg.d_lr)):
             for group in opt.param_groups:  # the command line wins: a lower lr after a divergence
                 group["lr"] = lr

@@ -24,6 +24,7 @@ COMMANDS = ("main.py", "visualize_attn.py", "evaluate.py")
 # damage that only the commands reading that part must refuse: evaluate.py never rebuilds D, only a
 # resumed run restores the RNG states, and resuming compares the architecture flags it knows
 READ_BY = {"D_wrong_shapes": ("main.py", "visualize_attn.py"), "rng_empty": ("main.py",),
+           "opt_g_reordered": ("main.py",),
            "unknown_model_arg": ("visualize_attn.py", "evaluate.py")}
 
 
@@ -56,6 +57,15 @@ def edited(ckpt, edit):
 
 def narrowed(weights):
     return {k: t[..., :1].clone() if t.dim() else t for k, t in weights.items()}
+
+
+def reordered(opt_state):
+    """An optimizer state with its per-parameter states in reverse order: what a checkpoint looks
+    like to code that registers the network's layers in another order (it once crashed the fused
+    Adam step with corrupted memory instead of an error)."""
+    states = opt_state["state"]
+    keys = sorted(states)
+    return dict(opt_state, state={k: states[keys[-1 - i]] for i, k in enumerate(keys)})
 
 
 def truncation_lengths(size, n):
@@ -95,6 +105,7 @@ def write_malformed(real_ckpt, folder):
         "G_and_G_ema_wrong_shapes": edited(ckpt, lambda c: c.update(G=narrowed(c["G"]), G_ema=narrowed(c["G_ema"]))),
         "D_wrong_shapes": edited(ckpt, lambda c: c.update(D=narrowed(c["D"]))),
         "rng_empty": edited(ckpt, lambda c: c.update(rng={})),
+        "opt_g_reordered": edited(ckpt, lambda c: c.update(opt_g=reordered(c["opt_g"]))),
     }
     paths = {}
     for name, content in files.items():
