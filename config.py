@@ -96,6 +96,10 @@ class TrainConfig:
                                    feeds=dict(D="attn_res"), type=attn_list, metavar="RES[,RES]")
     d_patch: int = flag(0, "a patch D: stop at this resolution and average per-patch scores (0: the "
                            "whole-image D)", feeds=dict(D="patch_res"), feeds_when_set=True, metavar="RES")
+    g_local: int = flag(0, "a local G: z laid out as a noise map at this resolution, then only 1x1 convs with "
+                           "the pixel coordinates, so only attention carries anything across the image (the "
+                           "long-range experiment's positive control; --z_dim a multiple of RES*RES). 0: the "
+                           "seed's dense start", feeds=dict(G="local_res"), feeds_when_set=True, metavar="RES")
     lambda_gp: float = flag(10.0, "gradient-penalty weight for wgan-gp")
     # training
     total_step: int = flag(1_000_000, "generator updates to train for")

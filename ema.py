@@ -51,7 +51,6 @@ class EMA:
         torch._foreach_copy_(self.buffers, self.src_buffers)
 
     @torch.no_grad()
-    @torch.no_grad()
     def recompute_bn_stats(self, num_batches=8, batch=64, seed=0):
         """Set the EMA generator's BatchNorm running statistics to its own: the mean and variance
         its BatchNorm layers see over `num_batches` fixed batches of z (a torch.Generator seeded

@@ -17,7 +17,7 @@ from config import PRESETS, TrainConfig, add_flags, flag_text, folder_crops
 from data_loader import make_dataset
 from distributed import cleanup_distributed, dist_info, setup_distributed
 from run_files import RunLock
-from sagan_models import check_attn, check_imsize, check_patch, default_attn
+from sagan_models import check_attn, check_imsize, check_local, check_patch, default_attn
 from stopping import Diverged, Interrupted
 from trainer import Trainer
 from utils import default, pick_device
@@ -83,6 +83,7 @@ def check_config(c):
         if attn is not None:  # None: 'auto', the seed's placement, valid at every image size
             check_attn(c.imsize, attn, net)
     check_patch(c.imsize, c.d_patch, default_attn(c.imsize, "d") if c.d_attn is None else c.d_attn)
+    check_local(c.imsize, c.g_local, c.z_dim, default_attn(c.imsize, "g") if c.g_attn is None else c.g_attn)
     if not c.version or os.sep in c.version or c.version in (".", ".."):
         raise ValueError(f"--version {c.version!r} must be a plain folder name")
     for name in ("fid_every", "fid_samples"):  # None: the device's default (parse_args)

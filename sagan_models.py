@@ -65,6 +65,23 @@ def check_patch(imsize, patch_res, attn_res):
                          f"put D's attention at {patch_res} or above")
 
 
+def check_local(imsize, local_res, z_dim, attn_res):
+    """A local generator starts from z laid out as a noise map at local_res (0: the seed's dense
+    start); z must fill that map, and attention must sit at or above it to see it."""
+    if not local_res:
+        return
+    valid = g_resolutions(imsize)[1:]
+    if local_res not in valid:
+        raise ValueError(f"--g_local {local_res} is not possible at image size {imsize}: use one of "
+                         f"{','.join(map(str, valid))} or 0 (the seed's dense start)")
+    if z_dim % (local_res * local_res):
+        raise ValueError(f"--g_local {local_res} lays z out on a {local_res}x{local_res} map: --z_dim must be "
+                         f"a multiple of {local_res * local_res}, got {z_dim}")
+    if any(r < local_res for r in attn_res):
+        raise ValueError(f"--g_attn {','.join(map(str, attn_res))} lies below --g_local {local_res}: "
+                         f"put G's attention at {local_res} or above")
+
+
 def _channels(conv_dim, imsize, res):
     # the seed's widths: conv_dim at imsize/2, doubling for every halving of the feature map
     return conv_dim * min(imsize // (2 * res), MAX_CHANNEL_MULT)
@@ -183,43 +200,102 @@ class Generator(nn.Module):
     Transposed convs with BatchNorm + ReLU from 4x4 up, a tanh output; Self_Attn after the blocks
     whose output resolution is in `attn_res`. spectral_norm=False builds every layer without it:
     the form a seed repository's generator is loaded into, its normalisation folded into the
-    weights (seed_formats.py); this project trains with it on.
+    weights (seed_formats.py); this project trains with it on. local_res > 0 builds the long-range
+    experiment's local generator instead (LocalBlock): z is a noise map at that resolution and only
+    attention mixes positions.
     """
 
-    def __init__(self, image_size=64, z_dim=128, conv_dim=64, attn_res=(16, 32), spectral_norm=True):
+    def __init__(self, image_size=64, z_dim=128, conv_dim=64, attn_res=(16, 32), spectral_norm=True,
+                 local_res=0):
         super().__init__()
         self.image_size, self.z_dim, self.conv_dim = image_size, z_dim, conv_dim
-        self.spectral_norm = spectral_norm
+        self.spectral_norm, self.local_res = spectral_norm, local_res
         sn = SN if spectral_norm else _plain
         self.attn_res = sorted(attn_res)
         check_attn(image_size, self.attn_res, "g")
-        self.resolutions = g_resolutions(image_size)
+        check_local(image_size, local_res, z_dim, self.attn_res)
+        self.resolutions = [r for r in g_resolutions(image_size) if r >= local_res]
         ch = [_channels(conv_dim, image_size, r) for r in self.resolutions]
 
-        blocks = [nn.Sequential(sn(nn.ConvTranspose2d(z_dim, ch[0], 4)),       # 1x1 -> 4x4
-                                nn.BatchNorm2d(ch[0]), nn.ReLU())]
-        for c_in, c_out in zip(ch, ch[1:]):
-            blocks.append(nn.Sequential(sn(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)),  # r -> 2r
-                                        nn.BatchNorm2d(c_out), nn.ReLU()))
+        if local_res:
+            blocks = [LocalBlock(z_dim // local_res ** 2, ch[0], sn, local_res, upsample=False)]
+            blocks += [LocalBlock(c_in, c_out, sn, r) for c_in, c_out, r in zip(ch, ch[1:], self.resolutions[1:])]
+            last = nn.Sequential(LocalBlock(ch[-1], 3, sn, image_size, norm=False), nn.Tanh())
+        else:
+            blocks = [nn.Sequential(sn(nn.ConvTranspose2d(z_dim, ch[0], 4)),       # 1x1 -> 4x4
+                                    nn.BatchNorm2d(ch[0]), nn.ReLU())]
+            for c_in, c_out in zip(ch, ch[1:]):
+                blocks.append(nn.Sequential(sn(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)),  # r -> 2r
+                                            nn.BatchNorm2d(c_out), nn.ReLU()))
+            last = nn.Sequential(sn(nn.ConvTranspose2d(ch[-1], 3, 4, 2, 1)), nn.Tanh())
+        # registered in this order (blocks, attn, last): parameters() follows it, and the optimizer
+        # states in checkpoints are stored by that position
         self.blocks = nn.ModuleList(blocks)
         self.attn = nn.ModuleDict({str(r): Self_Attn(c, spectral_norm)
                                    for r, c in zip(self.resolutions, ch) if r in self.attn_res})
-        self.last = nn.Sequential(sn(nn.ConvTranspose2d(ch[-1], 3, 4, 2, 1)), nn.Tanh())
+        self.last = last
 
     def model_args(self):
-        """The arguments that rebuild this network: Generator(**g.model_args()). spectral_norm is
-        named only when off, so checkpoints of the trained architecture keep their old model_args."""
+        """The arguments that rebuild this network: Generator(**g.model_args()). spectral_norm and
+        local_res are named only when not the default, so the trained architecture's checkpoints
+        keep their old model_args."""
         args = dict(image_size=self.image_size, z_dim=self.z_dim, conv_dim=self.conv_dim,
                     attn_res=list(self.attn_res))
-        return args if self.spectral_norm else dict(args, spectral_norm=False)
+        if not self.spectral_norm:
+            args["spectral_norm"] = False
+        if self.local_res:
+            args["local_res"] = self.local_res
+        return args
 
     def forward(self, z, return_attn=False, queries=None):
         """With return_attn, returns (image, {resolution: attention}); `queries` maps a resolution
         to the flattened query indices wanted there (see Self_Attn), other layers give full maps."""
-        x = z.reshape(z.shape[0], self.z_dim, 1, 1)  # (B, z_dim, 1, 1)
+        r = self.local_res or 1
+        x = z.reshape(z.shape[0], self.z_dim // (r * r), r, r)  # (B, z_dim, 1, 1), or z's own noise map
         x, maps = _ladder(self, x, return_attn, queries)
         img = self.last(x)  # (B, 3, imsize, imsize)
         return (img, maps) if return_attn else img
+
+
+NOISE_GAIN = 0.1
+
+
+class LocalBlock(nn.Module):
+    """A local generator's block: (nearest x2 upsampling,) the pixel coordinates appended (raw and as
+    sines and cosines, so a per-pixel network can draw a layout), two 1x1 convs with BatchNorm + ReLU
+    (the image's block: one 1x1 conv). Nothing in it mixes positions, so without attention every output pixel of
+    a local generator is a function of its coordinates and the one noise cell above it (BatchNorm's
+    batch statistics aside: one image moves them by 1/(batch x positions))."""
+
+    def __init__(self, c_in, c_out, sn, res, upsample=True, norm=True):
+        super().__init__()
+        self.upsample = upsample
+        # the coordinates enter as (y, x) and sin, cos of pi * k * (y, x) for k = 1, 2, 4, ... up to
+        # 4 samples per period at this resolution: higher ones alias into a checkerboard
+        self.frequencies = [2 ** i for i in range(8) if 4 * 2 ** i <= res - 1]
+        # the first block reads the noise map through a learned per-channel gain that starts small, so
+        # G first learns the layout from the coordinates and then how much noise to let in (StyleGAN's
+        # noise inputs start at zero for the same reason)
+        self.gain = None if upsample else nn.Parameter(torch.full((1, c_in, 1, 1), NOISE_GAIN))
+        c_xy = 2 + 4 * len(self.frequencies)
+        if norm:  # two 1x1 layers: a per-pixel MLP
+            self.net = nn.Sequential(sn(nn.Conv2d(c_in + c_xy, c_out, 1)), nn.BatchNorm2d(c_out), nn.ReLU(),
+                                     sn(nn.Conv2d(c_out, c_out, 1)), nn.BatchNorm2d(c_out), nn.ReLU())
+        else:
+            self.net = sn(nn.Conv2d(c_in + c_xy, c_out, 1))
+
+    def forward(self, x):
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        else:
+            x = x * self.gain
+        B, _, H, W = x.shape
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype),
+                                torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype), indexing="ij")
+        yx = torch.stack([ys, xs])                                   # (2, H, W)
+        waves = [f(math.pi * k * yx) for k in self.frequencies for f in (torch.sin, torch.cos)]
+        coords = torch.cat([yx, *waves]).expand(B, -1, H, W)
+        return self.net(torch.cat([x, coords], 1))
 
 
 class Discriminator(nn.Module):

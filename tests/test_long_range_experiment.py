@@ -14,7 +14,7 @@ import torch
 
 from attention import attention_layers, face_pixels, gamma, layers_removed, pixel_queries
 from data_loader import synthetic_face
-from experiments.attention_ablation import COMPARISONS, decide, headline, t_quantile
+from experiments.attention_ablation import COMPARISONS, NEGATIVE, POSITIVE, decide, headline, t_quantile
 from experiments.eye_metrics import SCLERA_HALF, eye_agreement, eye_cells, eye_layout, region_masks, region_ratio
 from experiments.uncertainty import bootstrap, difference, interval, summarise
 from sagan_models import Generator, default_attn
@@ -178,7 +178,8 @@ def test_decide_can_say_yes_no_and_cannot_tell_on_planted_differences():
 
 
 def test_a_null_stands_only_with_a_working_positive_control_and_a_learned_rule():
-    main, pos, neg = (name for name, _, _ in (COMPARISONS[0], COMPARISONS[3], COMPARISONS[4]))
+    main, neg = COMPARISONS[0][0], NEGATIVE
+    pos, pos2 = POSITIVE  # the patch D's and the local G's
     null, yes, unclear = dict(verdict="no difference"), dict(verdict="helps"), dict(verdict="cannot tell")
     assert headline({main: null, pos: yes, neg: yes}) == ("no difference", "")
     verdict, why = headline({main: null, pos: unclear, neg: yes})
@@ -186,6 +187,9 @@ def test_a_null_stands_only_with_a_working_positive_control_and_a_learned_rule()
     verdict, why = headline({main: null, pos: yes, neg: unclear})
     assert verdict == "cannot tell" and "rule-free" in why
     assert headline({main: null})[0] == "cannot tell"
+    assert headline({main: null, pos: unclear, pos2: yes, neg: yes}) == ("no difference", "")  # either one
+    verdict, why = headline({main: null, pos: unclear, pos2: unclear, neg: yes})
+    assert verdict == "cannot tell" and "positive control" in why
     # a benefit needs no positive control, but it must be the rule: the rule arm beats its rule-free twin
     assert headline({main: yes, pos: unclear, neg: yes}) == ("helps", "")
     verdict, why = headline({main: yes, pos: yes, neg: unclear})
