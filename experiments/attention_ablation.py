@@ -47,7 +47,9 @@ score now comes with the drawing check (layout, diversity) that caught this.
               it, and the two irises never share a 4x4 block (tests/test_local_generator.py), so
               only attention can give both irises one colour (or anything else one value per face).
   local_none  its baseline: the same local G without attention (the seed's D keeps its attention).
-Piloted (seed 0, 900 and 3,000 steps; docs/experiments.md); not in the default arms.
+As built, the local arms collapse too: in a 3,000-step pilot both drew one blocky image, not a
+face (diversity 0.00 from step 1,500), with or without attention (docs/experiments.md). Not in
+the default arms; with no working positive control the answer is never "no difference".
 
 The score (experiments/eye_metrics.py): the iris reader finds both eyes' iris regions and scores a
 set of faces by the probability that a face's own two irises are closer in colour than irises of two
@@ -58,7 +60,7 @@ headline is, per comparison, the mean of the seed-matched differences with a t i
 (the seeds are the unit: one training run is one observation). decide() turns an interval into
 "helps" / "hurts" (the interval excludes 0), "no difference" (the interval lies inside +-MARGIN points)
 or "cannot tell" (neither). headline(): a "helps" for attention stands only if the rule arm beats its
-rule-free control, a "no difference" only if, besides, the positive control says "helps"; else
+rule-free control, a "no difference" only if, besides, a positive control says "helps"; else
 "cannot tell", with the reason.
 
 At the last checkpoint of each run with G attention it also measures: where an eye query looks
