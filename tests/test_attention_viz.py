@@ -346,7 +346,7 @@ def test_a_planted_far_peak_reads_long_range():
 
 def test_a_slightly_far_peak_is_measured_but_not_called_long_range():
     """Peaks at random keys plus a little weight on the farthest: measurably farther than uniform,
-    but by less than a fifth, as the showcase model's G16 (35.8 against 34.0 px)."""
+    but by less than a fifth, as the step-8,000 showcase model's G16 was (35.8 against 34.0 px)."""
     far = dist_px().argmax(1)
     v, r = verdict_of(lambda q, rng: np.eye(64)[rng.integers(64)] * 0.5 + np.eye(64)[far[q]] * 0.15
                       + 0.35 / 64 + noise(rng))

@@ -3,7 +3,7 @@
 checkpoint and finds no local run. One command makes it, resuming whatever part is done:
 
     python -m tools.showcase                     # train (or resume), export, README figures and table
-    python -m tools.showcase --steps 12000       # train further, then the same
+    python -m tools.showcase --steps 20000       # train further, then the same
     python -m tools.showcase --export_only       # only export + figures, from the run's latest.pt
 
 The run is an ordinary main.py run in runs/showcase/models/celeba64 (Ctrl-C saves; running the command
@@ -24,18 +24,17 @@ from metrics import read_records
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 ASSETS = os.path.dirname(SHOWCASE)
-# 64px like heykeetae's CelebA setting (the paper reports ImageNet at 128px); widths 32 and batch 32 are what ~45 minutes of 2 cores can train
-# far enough to draw faces (see the note)
+# 64px like heykeetae's CelebA setting (the paper reports ImageNet at 128px); widths 32 and batch 32 for 16,000 steps
+# are about 55 minutes of the idle 2-core CPU in bf16, the default there (see assets/showcase_celeba64.md)
 TRAIN_FLAGS = ["--dataset", "celeb", "--imsize", "64", "--g_conv_dim", "32", "--d_conv_dim", "32",
                "--batch_size", "32", "--num_workers", "0", "--log_step", "50", "--sample_step", "500",
-               "--model_save_step", "500", "--no_visdom", "--version", "celeba64",
-               "--precision", "fp32"]  # as the shipped model was trained (the default is auto)
+               "--model_save_step", "500", "--no_visdom", "--version", "celeba64"]
 
 
 def build_parser():
     p = Parser(prog="tools.showcase", description=__doc__.splitlines()[0])
     a = p.add_argument
-    a("--steps", type=int, default=8000, help="generator updates in all")
+    a("--steps", type=int, default=16000, help="generator updates in all")
     a("--celeba_sample", default=os.path.join(SHARED, "celeba_sample"), help="full-size faces (crop 160)")
     a("--celeba_halfres", default=os.path.join(SHARED, "celeba_halfres"), help="half-size faces (crop 80)")
     a("--out", default=os.path.join("runs", "showcase"), help="the run's folders")
