@@ -147,6 +147,22 @@ def one_thread_env(**extra):
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
 
 
+def smoke_main(flags, tmp_path):
+    """main.py's smoke run with `flags`, its run folders under tmp_path, as a 1-thread subprocess:
+    the CompletedProcess (text output captured)."""
+    return subprocess.run([sys.executable, "main.py", *SMOKE, "--model_save_path", str(tmp_path / "m"),
+                           "--sample_path", str(tmp_path / "s"), *flags], cwd=ROOT, env=one_thread_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def trains_and_resumes(flags, tmp_path):
+    """Assert that a smoke run with `flags` trains 2 steps, and resumes from them to step 3."""
+    first = smoke_main([*flags, "--total_step", "2", "--model_save_step", "2", "--version", "p"], tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    more = smoke_main([*flags, "--total_step", "3", "--model_save_step", "1", "--version", "p", "--resume"], tmp_path)
+    assert more.returncode == 0, more.stdout + more.stderr
+
+
 # ----------------------------------------------------------------------------- a fork server
 
 # Importing torch and the commands takes seconds on a loaded machine, a tiny run milliseconds. To

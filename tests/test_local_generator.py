@@ -3,12 +3,9 @@ noise map, then only 1x1 convs with the pixel coordinates and nearest upsampling
 every pixel is a function of its coordinates and the one noise cell above it, so two regions in
 different cells are drawn from independent noise; the built-in faces' two irises never share a 4x4
 block, so only attention can give them one colour. And a local G trains and resumes through main.py."""
-import subprocess
-import sys
-
 import torch
 
-from conftest import ROOT, SMOKE, one_thread_env
+from conftest import smoke_main, trains_and_resumes
 from sagan_models import Generator
 from test_patch_discriminator import both_irises_in_one_window
 
@@ -41,17 +38,10 @@ def test_without_attention_a_noise_cell_draws_only_its_own_block_and_with_attent
 
 
 def test_main_trains_and_resumes_a_local_g_and_names_bad_sizes(tmp_path):
-    cmd = [sys.executable, "main.py", *SMOKE, "--g_local", "16", "--g_attn", "16", "--z_dim", "512", "--synthetic_eyes",
-           "independent", "--model_save_path", str(tmp_path / "m"), "--sample_path", str(tmp_path / "s"),
-           "--total_step", "2", "--model_save_step", "2", "--version", "p"]
-    env = one_thread_env()
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
-    more = subprocess.run([*cmd[:-6], "--total_step", "3", "--model_save_step", "1", "--version", "p", "--resume"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert more.returncode == 0, more.stdout + more.stderr
+    local = ["--g_local", "16", "--g_attn", "16", "--z_dim", "512", "--synthetic_eyes", "independent"]
+    trains_and_resumes(local, tmp_path)
     for extra, message in ((["--z_dim", "100"], "--z_dim must be a multiple of 256, got 100"),
                            (["--g_attn", "8"], "--g_attn 8 lies below --g_local 16"),
                            (["--g_local", "5"], "--g_local 5 is not possible at image size")):
-        bad = subprocess.run([*cmd[:-6], *extra, "--version", "q"], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=300)
+        bad = smoke_main([*local, *extra, "--version", "q"], tmp_path)
         assert bad.returncode != 0 and message in bad.stderr, bad.stderr

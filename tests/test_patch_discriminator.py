@@ -3,13 +3,10 @@ attention its score is a sum of local terms, so it cannot relate two eyes farthe
 receptive field (what the long-range experiment's positive control rests on, with the receptive
 fields measured on built-in faces); with attention it can. And a patch D trains and resumes through
 main.py like any other."""
-import subprocess
-import sys
-
 import numpy as np
 import torch
 
-from conftest import ROOT, SMOKE, one_thread_env
+from conftest import smoke_main, trains_and_resumes
 from data_loader import synthetic_face
 from sagan_models import Discriminator
 
@@ -42,16 +39,8 @@ def test_patch_d_without_attention_cannot_relate_two_eyes_and_with_attention_can
 
 
 def test_main_trains_and_resumes_a_patch_d_on_rule_free_faces(tmp_path):
-    cmd = [sys.executable, "main.py", *SMOKE, "--d_patch", "16", "--d_attn", "16", "--synthetic_eyes",
-           "independent", "--model_save_path", str(tmp_path / "m"), "--sample_path", str(tmp_path / "s"),
-           "--total_step", "2", "--model_save_step", "2", "--version", "p"]
-    env = one_thread_env()
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
-    more = subprocess.run([*cmd[:-6], "--total_step", "3", "--model_save_step", "1", "--version", "p", "--resume"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert more.returncode == 0, more.stdout + more.stderr
-    bad = subprocess.run([*cmd[:-6], "--d_patch", "16", "--d_attn", "8", "--version", "q"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    trains_and_resumes(["--d_patch", "16", "--d_attn", "16", "--synthetic_eyes", "independent"], tmp_path)
+    bad = smoke_main(["--d_patch", "16", "--d_attn", "8", "--version", "q"], tmp_path)
     assert bad.returncode != 0 and "--d_attn 8 lies below --d_patch 16" in bad.stderr
 
 
