@@ -25,6 +25,11 @@ The arms, named for what they remove (equal steps, batch, widths, data and seeds
   g, d        attention in G only, in D only (with gd and none: the 2x2 of G x D, if the budget allows)
   gd_norule   negative control: G+D attention trained on faces WITHOUT the rule (each iris its own
               colour, --synthetic_eyes independent); what the score reads when there is no rule to learn
+  none_norule the same for the arm without attention. On generated images a face's two irises also
+              share what the whole image shares (a tint, blur, noise), which the reader cannot tell
+              from the rule: in seed 0, gd_norule read +10 to +16 points at five of its first seven
+              checkpoints. How much of that a G draws may depend on the arm, so each arm is read net
+              of its own twin.
   patch_attn  positive control: a patch D that stops at 32x32 (--d_patch 32: each unit sees 4 px,
               its score the mean of 1x1 scores per unit) with attention at 32x32 before its head; G
               without attention. In 0 of 500 built-in faces does a 4 px window hold pixels of both
@@ -59,8 +64,10 @@ blur, a shift). The endpoint of a run is the mean score over its last --last che
 headline is, per comparison, the mean of the seed-matched differences with a t interval over seeds
 (the seeds are the unit: one training run is one observation). decide() turns an interval into
 "helps" / "hurts" (the interval excludes 0), "no difference" (the interval lies inside +-MARGIN points)
-or "cannot tell" (neither). headline(): a "helps" for attention stands only if the rule arm beats its
-rule-free control, a "no difference" only if, besides, a positive control says "helps"; else
+or "cannot tell" (neither). The headline is NET, (gd - gd_norule) - (none - none_norule) per seed:
+what attention adds to the rule beyond what each arm's images share anyway. Its "helps" stands only
+if gd beats gd_norule, its "hurts" only if none beats none_norule (the winner must have learned the
+rule), its "no difference" only if one of them did and a positive control says "helps"; else
 "cannot tell", with the reason.
 
 At the last checkpoint of each run with G attention it also measures: where an eye query looks
@@ -69,11 +76,11 @@ test (the score with each G attention layer's term removed at inference); and th
 (experiments/mechanism.py: the eye queries read another face's value vectors at the other eye, or
 at the mouth, with trained and with randomised query/key weights).
 
-Budget (64px, conv_dim 16, batch 32, 10,000 steps, 3 seeds, 2 jobs of 1 thread; the defaults). A 40-step pilot of every arm under load (load average 10 on 2 cores) ran gd 0.57, gd_norule
-0.56, none 1.22, patch_attn 0.39 and patch_none 1.36 it/s; scaled by the idle/load ratio of the runs
-measured on the idle machine before (gd 2.7, none 4.8 it/s), that is about 4.0 h of training on the
-idle 2-core CPU for the three default arms (7.2 h with the two patch arms), plus an estimated 30-60 min of scoring. Without a working positive control a null
-cannot be read (the headline says "cannot tell").
+Budget (64px, conv_dim 16, batch 32, 10,000 steps, 3 seeds, 2 jobs of 1 thread; the defaults), in
+bf16 on the project's 2-core AMD EPYC (AVX512-BF16, no AMX), idle: gd and gd_norule 3.7-3.9 it/s,
+none and none_norule 10.7-11.3 it/s, so about 46 + 46 + 15 + 15 run-minutes per seed, about 3.1 h
+for the four default arms, plus about 15-20 min of scoring (docs/experiments.md). Without a working
+positive control a null cannot be read (the headline says "cannot tell").
 """
 import json
 import math
@@ -109,6 +116,8 @@ ARMS = {
     "d": dict(name="attention in D only", flags=NO_G),
     "gd_norule": dict(name="G+D attention, rule-free faces (negative control)",
                       flags=["--synthetic_eyes", "independent"]),
+    "none_norule": dict(name="no attention, rule-free faces (negative control)",
+                        flags=NO_G + NO_D + ["--synthetic_eyes", "independent"]),
     "patch_attn": dict(name="patch D (4 px) with attention at 32x32, G without (positive control)",
                        flags=NO_G + ["--d_patch", "32", "--d_attn", "32"]),
     "patch_none": dict(name="patch D (4 px) without attention, G without (positive control's baseline)",
@@ -118,7 +127,7 @@ ARMS = {
     "local_none": dict(name="local G without attention, the seed's D (positive control's baseline)",
                        flags=LOCAL_G + NO_G),
 }
-DEFAULT_ARMS = "gd,none,gd_norule"  # the patch arms collapse G (see the docstring)
+DEFAULT_ARMS = "gd,none,gd_norule,none_norule"  # the patch and local arms collapse G (see the docstring)
 # (name, arm, baseline): each a seed-matched difference of endpoints
 COMPARISONS = [("attention in G and D", "gd", "none"),
                ("attention in G", "g", "none"),
@@ -126,9 +135,15 @@ COMPARISONS = [("attention in G and D", "gd", "none"),
                ("positive control: D attention where only it can see both eyes", "patch_attn", "patch_none"),
                ("positive control: G attention where only it carries anything across the image", "local_attn",
                 "local_none"),
-               ("rule learned: rule faces minus rule-free faces (G+D attention)", "gd", "gd_norule")]
+               ("rule learned: rule faces minus rule-free faces (G+D attention)", "gd", "gd_norule"),
+               ("rule learned: rule faces minus rule-free faces (no attention)", "none", "none_norule")]
 POSITIVE = [c[0] for c in COMPARISONS if c[0].startswith("positive control")]
-NEGATIVE = COMPARISONS[-1][0]
+NEGATIVE, NEGATIVE_NONE = COMPARISONS[-2][0], COMPARISONS[-1][0]
+# The headline's comparison: what attention adds to the rule itself, each arm net of its rule-free twin,
+# (gd - gd_norule) - (none - none_norule) per seed. On generated images a face's two irises also share
+# what the image shares (a tint, blur, noise): the rule-free arms score that, and it may differ by arm.
+NET = "attention in G and D, net of each arm's rule-free control"
+NET_ARMS = ("gd", "gd_norule", "none", "none_norule")
 MARGIN = 5.0         # points: seed-level differences whose whole interval lies within +-MARGIN are "no difference"
 Z_SEED = 1234        # the scored z: the same for every checkpoint, never a training seed's stream
 ATTN_IMAGES = 256    # images whose eye queries' attention is measured
@@ -407,23 +422,27 @@ def decide(diffs, margin=MARGIN):
 
 
 def headline(comparisons):
-    """The experiment's answer from its comparisons ({name: dict(verdict, ...)}). Attention in G and
-    D 'hurts' stands as measured. 'helps' stands only where the G+D arm beat its rule-free control
-    (else its higher score may be attention making eyes alike whatever the data, not the rule).
-    'no difference' stands only where, besides, the positive control detected a benefit of attention
-    where only attention can carry the rule. Otherwise: 'cannot tell', and why."""
-    main = comparisons.get(COMPARISONS[0][0])
-    if main is None:
-        return "cannot tell", "the runs of G+D attention and no attention are missing"
-    verdict, why = main["verdict"], []
-    pos = [comparisons[n] for n in POSITIVE if n in comparisons]
-    neg = comparisons.get(NEGATIVE)
-    if verdict in ("helps", "no difference") and (neg is None or neg["verdict"] != "helps"):
-        why.append("the G+D arm did not beat its rule-free control, so its score is not shown to be the rule"
-                   if neg else "no negative control was run")
-    if verdict == "no difference" and not any(p["verdict"] == "helps" for p in pos):
-        why.append("no positive control showed a benefit of attention where only attention can carry "
-                   "the rule" if pos else "no positive control was run")
+    """The experiment's answer from its comparisons ({name: dict(verdict, ...)}): the verdict of NET,
+    what attention adds to the rule net of each arm's rule-free control. 'helps' stands only where the
+    G+D arm beat its rule-free control, 'hurts' only where the no-attention arm beat its own (else the
+    winner's higher score is not shown to be the rule), 'no difference' only where at least one arm
+    beat its rule-free control and a positive control detected a benefit of attention where only
+    attention can carry the rule. Otherwise: 'cannot tell', and why."""
+    net = comparisons.get(NET)
+    if net is None:
+        return "cannot tell", ("the answer needs G+D attention and no attention, each with its rule-free "
+                               "control (arms " + ", ".join(NET_ARMS) + ")")
+    verdict, why = net["verdict"], []
+    learned = lambda name: comparisons.get(name, {}).get("verdict") == "helps"  # noqa: E731
+    if verdict == "helps" and not learned(NEGATIVE):
+        why.append("the G+D arm did not beat its rule-free control, so its gain is not shown to be the rule")
+    if verdict == "hurts" and not learned(NEGATIVE_NONE):
+        why.append("the no-attention arm did not beat its rule-free control, so its lead is not shown to be the rule")
+    if verdict == "no difference":
+        if not (learned(NEGATIVE) or learned(NEGATIVE_NONE)):
+            why.append("neither arm beat its rule-free control: neither is shown to have learned the rule")
+        if not any(learned(p) for p in POSITIVE):
+            why.append("no positive control showed a benefit of attention where only attention can carry the rule")
     return ("cannot tell" if why else verdict), "; ".join(why)
 
 
@@ -454,7 +473,13 @@ def aggregate(args, scored):
         if arm in args.arms and base in args.arms:
             diffs = [scored[(arm, s)]["endpoint"] - scored[(base, s)]["endpoint"] for s in args.seeds]
             verdict, interval = decide(diffs)
-            res["comparisons"][name] = dict(arm=arm, baseline=base, verdict=verdict, **interval)
+            res["comparisons"][name] = dict(arm=arm, baseline=base, arms=f"{arm} - {base}", verdict=verdict, **interval)
+    if all(a in args.arms for a in NET_ARMS):
+        e = lambda arm, s: scored[(arm, s)]["endpoint"]  # noqa: E731
+        diffs = [(e("gd", s) - e("gd_norule", s)) - (e("none", s) - e("none_norule", s)) for s in args.seeds]
+        verdict, interval = decide(diffs)
+        res["comparisons"][NET] = dict(arm="gd", baseline="none", arms="(gd - gd_norule) - (none - none_norule)",
+                                       verdict=verdict, **interval)
     res["headline"] = dict(zip(("verdict", "why"), headline(res["comparisons"])))
     return res
 
@@ -490,7 +515,7 @@ def tables(res):
             f"{span(a['drawing']['diversity'], '{:.2f}')} |" for arm, a in arms.items()]
     out += ["", f"Seed-matched differences of endpoints (points), verdict at a margin of +-{MARGIN:g} points:", "",
             "| comparison | arms | difference | verdict |", "|---|---|---|---|"]
-    out += [f"| {name} | {c['arm']} - {c['baseline']} | {span(c)} | {c['verdict']} |"
+    out += [f"| {name} | {c['arms']} | {span(c)} | {c['verdict']} |"
             for name, c in res["comparisons"].items()]
     h = res["headline"]
     out += ["", f"Answer: {h['verdict']}" + (f" ({h['why']})" if h["why"] else "") + "."]
@@ -544,7 +569,7 @@ def summary(res):
     for name, c in res["comparisons"].items():
         ci = ("no interval with one seed" if c["ci"] is None
               else f"95% t interval [{c['ci'][0]:+.1f}, {c['ci'][1]:+.1f}]")
-        say.append(f"{name} ({c['arm']} - {c['baseline']}): {c['mean']:+.1f} points, {ci} over {c['n']} "
+        say.append(f"{name} ({c['arms']}): {c['mean']:+.1f} points, {ci} over {c['n']} "
                    f"seed{'s' if c['n'] > 1 else ''}: {c['verdict']}.")
     h = res["headline"]
     say.append(f"Answer to 'does attention help carry the eye-colour rule?': {h['verdict']}"

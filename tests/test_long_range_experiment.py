@@ -14,7 +14,8 @@ import torch
 
 from attention import attention_layers, face_pixels, gamma, layers_removed, pixel_queries
 from data_loader import synthetic_face
-from experiments.attention_ablation import COMPARISONS, NEGATIVE, POSITIVE, decide, headline, t_quantile
+from experiments.attention_ablation import (COMPARISONS, NEGATIVE, NEGATIVE_NONE, NET, POSITIVE, decide, headline,
+                                           t_quantile)
 from experiments.eye_metrics import SCLERA_HALF, eye_agreement, eye_cells, eye_layout, region_masks, region_ratio
 from experiments.uncertainty import bootstrap, difference, interval, summarise
 from sagan_models import Generator, default_attn
@@ -177,24 +178,29 @@ def test_decide_can_say_yes_no_and_cannot_tell_on_planted_differences():
     assert t_quantile(30) == pytest.approx(2.042, abs=2e-3) and t_quantile(1000) == pytest.approx(1.962, abs=2e-3)
 
 
-def test_a_null_stands_only_with_a_working_positive_control_and_a_learned_rule():
-    main, neg = COMPARISONS[0][0], NEGATIVE
+def test_the_answer_is_the_net_difference_and_its_winner_must_have_learned_the_rule():
     pos, pos2 = POSITIVE  # the patch D's and the local G's
-    null, yes, unclear = dict(verdict="no difference"), dict(verdict="helps"), dict(verdict="cannot tell")
-    assert headline({main: null, pos: yes, neg: yes}) == ("no difference", "")
-    verdict, why = headline({main: null, pos: unclear, neg: yes})
+    null, yes, no, unclear = (dict(verdict=v) for v in ("no difference", "helps", "hurts", "cannot tell"))
+    # a null stands only with a working positive control and a rule learned by at least one arm
+    assert headline({NET: null, pos: yes, NEGATIVE: yes}) == ("no difference", "")
+    assert headline({NET: null, pos2: yes, NEGATIVE_NONE: yes}) == ("no difference", "")  # either control, either arm
+    verdict, why = headline({NET: null, pos: unclear, pos2: unclear, NEGATIVE: yes, NEGATIVE_NONE: yes})
     assert verdict == "cannot tell" and "positive control" in why
-    verdict, why = headline({main: null, pos: yes, neg: unclear})
+    verdict, why = headline({NET: null, pos: yes, NEGATIVE: unclear, NEGATIVE_NONE: unclear})
     assert verdict == "cannot tell" and "rule-free" in why
-    assert headline({main: null})[0] == "cannot tell"
-    assert headline({main: null, pos: unclear, pos2: yes, neg: yes}) == ("no difference", "")  # either one
-    verdict, why = headline({main: null, pos: unclear, pos2: unclear, neg: yes})
-    assert verdict == "cannot tell" and "positive control" in why
-    # a benefit needs no positive control, but it must be the rule: the rule arm beats its rule-free twin
-    assert headline({main: yes, pos: unclear, neg: yes}) == ("helps", "")
-    verdict, why = headline({main: yes, pos: yes, neg: unclear})
-    assert verdict == "cannot tell" and "rule-free" in why
-    assert headline({main: dict(verdict="hurts")})[0] == "hurts"
+    # a benefit needs no positive control, but the attention arm must beat its rule-free twin
+    assert headline({NET: yes, NEGATIVE: yes, NEGATIVE_NONE: unclear}) == ("helps", "")
+    verdict, why = headline({NET: yes, pos: yes, NEGATIVE: unclear, NEGATIVE_NONE: yes})
+    assert verdict == "cannot tell" and "G+D arm" in why
+    # a harm: the arm without attention must beat its own rule-free twin
+    assert headline({NET: no, NEGATIVE: unclear, NEGATIVE_NONE: yes}) == ("hurts", "")
+    verdict, why = headline({NET: no, NEGATIVE: yes, NEGATIVE_NONE: unclear})
+    assert verdict == "cannot tell" and "no-attention arm" in why
+    # the raw gd - none difference alone answers nothing: each arm's images share colour of their own
+    main = COMPARISONS[0][0]
+    for v in (yes, no, null):
+        verdict, why = headline({main: v, pos: yes, NEGATIVE: yes, NEGATIVE_NONE: yes})
+        assert verdict == "cannot tell" and "none_norule" in why
     assert headline({})[0] == "cannot tell"
 
 
@@ -202,7 +208,7 @@ def test_experiment_runs_end_to_end_resumes_and_writes_tables_json_and_figures(t
     out = tmp_path / "lr"
     cmd = [sys.executable, "-m", "experiments.attention_ablation", "--imsize", "32", "--conv_dim", "8",
            "--z_dim", "16", "--batch_size", "4", "--synthetic_size", "64", "--seeds", "0,1", "--arms",
-           "gd,none,gd_norule", "--num_samples", "16", "--jobs", "3", "--last", "2", "--out", str(out)]
+           "gd,none,gd_norule,none_norule", "--num_samples", "16", "--jobs", "4", "--last", "2", "--out", str(out)]
     proc = subprocess.run([*cmd, "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = proc.stdout
@@ -210,7 +216,9 @@ def test_experiment_runs_end_to_end_resumes_and_writes_tables_json_and_figures(t
     assert any(r.startswith("| gd | G+D attention |") and "(seeds" in r for r in rows)
     assert any(r.startswith("| none | no attention in G or D |") for r in rows)
     assert any(r.startswith("| attention in G and D | gd - none |") for r in rows)
-    assert any(r.startswith("| rule learned") for r in rows)
+    assert any(r.startswith("| rule learned") and "gd - gd_norule" in r for r in rows)
+    assert any(r.startswith("| rule learned") and "none - none_norule" in r for r in rows)
+    assert any(r.startswith(f"| {NET} | (gd - gd_norule) - (none - none_norule) |") for r in rows)
     assert "The iris reader on known faces" in text and "Answer:" in text
     for label in ("G8", "G16", "all layers"):  # the causal test per layer and all at once
         assert any(r.startswith(f"| gd | {label} |") for r in rows), label
@@ -222,6 +230,10 @@ def test_experiment_runs_end_to_end_resumes_and_writes_tables_json_and_figures(t
     assert res["config"]["seeds"] == [0, 1] and res["headline"]["verdict"] in ("helps", "hurts", "cannot tell",
                                                                                 "no difference")
     assert set(res["reader"]["cases"]) >= {"rule", "no_rule", "no_iris"}
+    e = {arm: np.array(a["endpoint"]["values"]) for arm, a in res["arms"].items()}
+    net = res["comparisons"][NET]
+    assert net["values"] == pytest.approx(list((e["gd"] - e["gd_norule"]) - (e["none"] - e["none_norule"])))
+    assert res["headline"]["verdict"] == headline(res["comparisons"])[0]
     assert res["arms"]["gd"]["endpoint_steps"] == [1, 2]
     assert len(res["arms"]["gd"]["endpoint"]["values"]) == 2
     assert res["summary"] == [line for line in text.splitlines() if line in res["summary"]]
