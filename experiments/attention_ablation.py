@@ -623,6 +623,28 @@ def eye_query_figures(args, layout):
     return paths
 
 
+def series_figure(res, path):
+    """The score of every checkpoint along training: one panel per arm, one line per seed, the
+    endpoint's checkpoints shaded; the rule-free controls' panels show what the score reads without
+    a rule. Returns `path`."""
+    import matplotlib.pyplot as plt
+    arms = res["arms"]
+    fig, axes = plt.subplots(1, len(arms), figsize=(3.2 * len(arms), 3), sharey=True, squeeze=False)
+    for ax, (arm, a) in zip(axes[0], arms.items()):
+        for seed, series in a["series"].items():
+            ax.plot([p["step"] for p in series], [p["points"] for p in series], marker=".", label=f"seed {seed}")
+        last = a["endpoint_steps"]
+        ax.axvspan(last[0], last[-1], color="0.9", zorder=0)
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.set_title(f"{arm}\nendpoint {a['endpoint']['mean']:+.1f}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_ylabel("points above chance", fontsize=8)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Eye-colour score of every checkpoint (grey: the endpoint's checkpoints)", fontsize=10, y=1.04)
+    return save_figure(fig, path)
+
+
 IRIS_FACES = 6  # faces per arm in the irises-along-training figure
 
 
@@ -638,7 +660,7 @@ def irises_figure(args, layout):
     the eye band of the same IRIS_FACES z for each arm side by side (the raw G, as scored)."""
     import matplotlib.pyplot as plt
     seed = args.seeds[0]
-    arms = [a for a in ("gd", "none") if a in args.arms] or args.arms[:2]
+    arms = [a for a in NET_ARMS if a in args.arms] or args.arms[:2]
     steps = [s for s in saved_steps(run_dir(args, arms[0], seed)) if s <= args.steps]
     rows = []
     for step in steps:
@@ -652,11 +674,12 @@ def irises_figure(args, layout):
         rows.append(np.concatenate([x for r in row for x in (r, gap)][:-1], axis=1))
     h = rows[0].shape[0]
     grid = np.concatenate([np.concatenate([r, np.ones((2, r.shape[1], 3))]) for r in rows])[:-2]
-    fig, ax = plt.subplots(figsize=(10, 10 * grid.shape[0] / grid.shape[1] + 0.8))
+    width = max(10, grid.shape[1] / 50)  # about 2 screen pixels per image pixel
+    fig, ax = plt.subplots(figsize=(width, width * grid.shape[0] / grid.shape[1] + 0.8))
     ax.imshow(grid.clip(0, 1), interpolation="nearest")
     ax.set_yticks([(h + 2) * i + h / 2 for i in range(len(steps))], [f"step {s}" for s in steps])
     arm_w = row[0].shape[1] + 4
-    ax.set_xticks([arm_w * k + row[0].shape[1] / 2 for k in range(len(arms))], [ARMS[a]["name"] for a in arms])
+    ax.set_xticks([arm_w * k + row[0].shape[1] / 2 for k in range(len(arms))], arms)
     ax.xaxis.tick_top()
     ax.tick_params(length=0)
     for side in ax.spines.values():
@@ -684,7 +707,9 @@ def main(argv=None):
     res = aggregate(args, scored)
     res["reader"] = dict(n=args.num_samples, cases=validate_reader(args.num_samples, args.imsize, args.tol))
     res["summary"] = summary(res)
-    res["figures"] = ([] if args.no_mechanism else eye_query_figures(args, layout)) + [irises_figure(args, layout)]
+    res["figures"] = (([] if args.no_mechanism else eye_query_figures(args, layout))
+                      + [series_figure(res, os.path.join(args.out, "scores_along_training.png")),
+                         irises_figure(args, layout)])
     text = tables(res) + "\n\n" + "\n".join(res["summary"])
     res["wall_s"] = dict(training=trained - start, scoring=time.perf_counter() - trained)
     with open(os.path.join(args.out, "results.md"), "w") as f:

@@ -239,7 +239,7 @@ def test_experiment_runs_end_to_end_resumes_and_writes_tables_json_and_figures(t
     assert res["summary"] == [line for line in text.splitlines() if line in res["summary"]]
     for fig in res["figures"]:
         assert os.path.getsize(fig) > 1000
-    assert res["figures"][-1].endswith("irises_seed0.png")
+    assert res["figures"][-2].endswith("scores_along_training.png") and res["figures"][-1].endswith("irises_seed0.png")
     kept = sorted((out / "scores" / "gd_seed0").iterdir())
     assert [p.name for p in kept] == ["step1_n16.json", "step2_n16.json"]
 
