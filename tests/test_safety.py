@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import main
+import dashboard
 import visdom_server
 from checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_generator
 from conftest import ROOT, TINY, free_port, metrics, out_args, run_inprocess, wait_for, whole_and_resumed
@@ -490,10 +491,10 @@ def test_visdom_killed_hung_and_restarted_training_never_waits_and_dashboard_ref
         marks["killed"] = time.time()
         time.sleep(PHASE_S)
         marks["restarted"] = time.time()  # a fresh server, nothing stored: all must be resent
+        before = {r["step"] for r in metrics(run_dir)}
         vis = visdom_server.start_server(port, env_path=tmp_path / "env_b")
         visdom_server.wait_until_up(port, timeout=60, proc=vis)
-        wait_for(lambda: len(dashboard_steps(port, env_name)) >= metrics(run_dir)[-1]["step"] - 5, 30,
-                 what="the dashboard to fill again")
+        wait_for(lambda: before <= dashboard_steps(port, env_name), 30, what="the dashboard to fill again")
         marks["refilled"] = time.time()
         time.sleep(PHASE_S / 2)
         os.kill(vis.pid, signal.SIGSTOP)  # hung: connections are accepted, nothing is answered
@@ -517,10 +518,17 @@ def test_visdom_killed_hung_and_restarted_training_never_waits_and_dashboard_ref
     def rate(a, b):  # steps per second logged between two marks
         return sum(marks[a] <= r["time"] < marks[b] for r in records) / (marks[b] - marks[a])
 
+    def stall(a, b):  # the longest time between two marks with no step logged
+        return float(np.diff([marks[a], *sorted(r["time"] for r in records if marks[a] <= r["time"] < marks[b]),
+                              marks[b]]).max())
+
     up, down, hung = rate("up", "killed"), rate("killed", "restarted"), rate("hung", "answering")
     print(f"\nvisdom outage: {up:.2f} it/s with the server up, {down:.2f} it/s killed "
           f"({down / up - 1:+.0%}), {hung:.2f} it/s hung ({hung / up - 1:+.0%}); refilled "
           f"{marks['refilled'] - marks['restarted']:.1f} s after the restart (shared CPU: noisy)")
-    # training went on at full speed: a blocked loop would show ~0 it/s here; 0.5 leaves room
-    # for the load other processes put on a shared CPU
-    assert down > 0.5 * up and hung > 0.5 * up
+    # training never waited on the network: a loop that did would stop for a retry (RETRY_S) or a
+    # post's timeout (POST_TIMEOUT_S), both at least as long as a phase. (Not a speed ratio: steps
+    # per second over 2 s windows swing several-fold when other jobs load the 2 shared cores.)
+    limit = 0.75 * min(dashboard.RETRY_S, dashboard.POST_TIMEOUT_S, PHASE_S)
+    assert stall("killed", "restarted") < limit and stall("hung", "answering") < limit, (
+        stall("killed", "restarted"), stall("hung", "answering"))
