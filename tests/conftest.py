@@ -217,6 +217,7 @@ class ForkServer:
         self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=ROOT,
                                      env=one_thread_env(PYTHONUNBUFFERED="1"),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.live = set()  # started runs not yet reaped: close() kills them (a failed test leaves none)
 
     def _ask(self, *cmd):
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -228,23 +229,34 @@ class ForkServer:
         `out` too; a pipe nobody reads would fill and block), at most `fsize` bytes per file written
         if given. Its pid, which is also its process group."""
         out = str(out)
-        return self._ask("run", script, [str(a) for a in args], out, str(err or out), fsize)[0]
+        pid = self._ask("run", script, [str(a) for a in args], out, str(err or out), fsize)[0]
+        self.live.add(pid)
+        return pid
 
     def kill(self, pid):
         """SIGKILL, then reap: when this returns the process is gone."""
         _, status = self._ask("kill", pid)
+        self.live.discard(pid)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
 
     def wait(self, pid):
         """The exit code of a run that ends by itself (-N: killed by signal N)."""
-        return os.waitstatus_to_exitcode(self._ask("wait", pid)[1])
+        status = self._ask("wait", pid)[1]
+        self.live.discard(pid)
+        return os.waitstatus_to_exitcode(status)
 
     def wait_any(self):
         """(pid, exit code) of the next run to end."""
         pid, status = self._ask("wait", -1)
+        self.live.discard(pid)
         return pid, os.waitstatus_to_exitcode(status)
 
     def close(self):
+        for pid in self.live:  # runs a failed test left going (e.g. a 100,000-step outage run)
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
 
