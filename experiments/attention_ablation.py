@@ -478,8 +478,7 @@ def aggregate(args, scored):
         e = lambda arm, s: scored[(arm, s)]["endpoint"]  # noqa: E731
         diffs = [(e("gd", s) - e("gd_norule", s)) - (e("none", s) - e("none_norule", s)) for s in args.seeds]
         verdict, interval = decide(diffs)
-        res["comparisons"][NET] = dict(arm="gd", baseline="none", arms="(gd - gd_norule) - (none - none_norule)",
-                                       verdict=verdict, **interval)
+        res["comparisons"][NET] = dict(arms="(gd - gd_norule) - (none - none_norule)", verdict=verdict, **interval)
     res["headline"] = dict(zip(("verdict", "why"), headline(res["comparisons"])))
     return res
 
