@@ -144,6 +144,7 @@ NEGATIVE, NEGATIVE_NONE = COMPARISONS[-2][0], COMPARISONS[-1][0]
 # what the image shares (a tint, blur, noise): the rule-free arms score that, and it may differ by arm.
 NET = "attention in G and D, net of each arm's rule-free control"
 NET_ARMS = ("gd", "gd_norule", "none", "none_norule")
+WINDOWS = 6          # the endpoint's sensitivity: the answer with the mean over the last 1..WINDOWS checkpoints
 MARGIN = 5.0         # points: seed-level differences whose whole interval lies within +-MARGIN are "no difference"
 Z_SEED = 1234        # the scored z: the same for every checkpoint, never a training seed's stream
 ATTN_IMAGES = 256    # images whose eye queries' attention is measured
@@ -469,18 +470,50 @@ def aggregate(args, scored):
                 for part in ("trained", "random_qk")} for layer in per_seed[0]["mechanism"]}
             a["mechanism_runs"] = {str(s): p["mechanism"] for s, p in zip(args.seeds, per_seed)}
         res["arms"][arm] = a
+    res["comparisons"] = compare(args, lambda arm, s: scored[(arm, s)]["endpoint"])
+    res["headline"] = dict(zip(("verdict", "why"), headline(res["comparisons"])))
+    res["sensitivity"] = sensitivity(args, scored)
+    return res
+
+
+def compare(args, e):
+    """Every comparison the arms allow, from e(arm, seed) -> a run's endpoint: {name: dict(arms,
+    verdict, seed interval)}."""
+    out = {}
     for name, arm, base in COMPARISONS:
         if arm in args.arms and base in args.arms:
-            diffs = [scored[(arm, s)]["endpoint"] - scored[(base, s)]["endpoint"] for s in args.seeds]
-            verdict, interval = decide(diffs)
-            res["comparisons"][name] = dict(arm=arm, baseline=base, arms=f"{arm} - {base}", verdict=verdict, **interval)
+            verdict, interval = decide([e(arm, s) - e(base, s) for s in args.seeds])
+            out[name] = dict(arms=f"{arm} - {base}", verdict=verdict, **interval)
     if all(a in args.arms for a in NET_ARMS):
-        e = lambda arm, s: scored[(arm, s)]["endpoint"]  # noqa: E731
         diffs = [(e("gd", s) - e("gd_norule", s)) - (e("none", s) - e("none_norule", s)) for s in args.seeds]
         verdict, interval = decide(diffs)
-        res["comparisons"][NET] = dict(arms="(gd - gd_norule) - (none - none_norule)", verdict=verdict, **interval)
-    res["headline"] = dict(zip(("verdict", "why"), headline(res["comparisons"])))
-    return res
+        out[NET] = dict(arms="(gd - gd_norule) - (none - none_norule)", verdict=verdict, **interval)
+    return out
+
+
+def sensitivity(args, scored):
+    """How the answer depends on the endpoint: the headline's comparisons and answer as `--last k`
+    would compute them, for k = 1..WINDOWS (while every run has k checkpoints). Scores swing by up to
+    20 points between checkpoints, so an answer that holds only at one k is fragile."""
+    if not all(a in args.arms for a in NET_ARMS):
+        return []
+    rows = []
+    for k in range(1, WINDOWS + 1):
+        if any(len(scored[(a, s)]["series"]) < k for a in NET_ARMS for s in args.seeds):
+            break
+        c = compare(args, lambda arm, s: float(np.mean([p["points"] for p in scored[(arm, s)]["series"][-k:]])))
+        rows.append(dict(last=k, comparisons={n: c[n] for n in (NET, NEGATIVE, NEGATIVE_NONE)},
+                         answer=headline(c)[0]))
+    return rows
+
+
+def reads(name, verdict):
+    """A comparison's verdict in its own words: a rule-learned comparison 'learned the rule' rather
+    than 'helps'."""
+    if name in (NEGATIVE, NEGATIVE_NONE):
+        return {"helps": "learned the rule", "hurts": "below its rule-free control",
+                "no difference": "no difference from its rule-free control"}.get(verdict, verdict)
+    return verdict
 
 
 # ============================================================================ report
@@ -514,10 +547,18 @@ def tables(res):
             f"{span(a['drawing']['diversity'], '{:.2f}')} |" for arm, a in arms.items()]
     out += ["", f"Seed-matched differences of endpoints (points), verdict at a margin of +-{MARGIN:g} points:", "",
             "| comparison | arms | difference | verdict |", "|---|---|---|---|"]
-    out += [f"| {name} | {c['arms']} | {span(c)} | {c['verdict']} |"
+    out += [f"| {name} | {c['arms']} | {span(c)} | {reads(name, c['verdict'])} |"
             for name, c in res["comparisons"].items()]
     h = res["headline"]
     out += ["", f"Answer: {h['verdict']}" + (f" ({h['why']})" if h["why"] else "") + "."]
+    if res["sensitivity"]:
+        out += ["", f"How the answer depends on the endpoint (the experiment's: the last {args['last']} "
+                    f"checkpoints): the same comparisons with a run's endpoint its mean over its last k "
+                    f"checkpoints (`--last k`).", "",
+                "| last k | net | gd - gd_norule | none - none_norule | answer |", "|---|---|---|---|---|"]
+        out += [f"| {r['last']} | " + " | ".join(f"{span(r['comparisons'][n])}: {reads(n, r['comparisons'][n]['verdict'])}"
+                                               for n in (NET, NEGATIVE, NEGATIVE_NONE)) + f" | {r['answer']} |"
+                for r in res["sensitivity"]]
 
     with_g = {arm: a for arm, a in arms.items() if "attention" in a}
     if with_g:
@@ -569,10 +610,14 @@ def summary(res):
         ci = ("no interval with one seed" if c["ci"] is None
               else f"95% t interval [{c['ci'][0]:+.1f}, {c['ci'][1]:+.1f}]")
         say.append(f"{name} ({c['arms']}): {c['mean']:+.1f} points, {ci} over {c['n']} "
-                   f"seed{'s' if c['n'] > 1 else ''}: {c['verdict']}.")
+                   f"seed{'s' if c['n'] > 1 else ''}: {reads(name, c['verdict'])}.")
     h = res["headline"]
     say.append(f"Answer to 'does attention help carry the eye-colour rule?': {h['verdict']}"
                + (f", because {h['why']}" if h["why"] else "") + ".")
+    if res["sensitivity"]:
+        say.append(f"The answer with the endpoint over each run's last k checkpoints (the experiment's: k = "
+                   f"{args['last']}): " + ", ".join(f"k = {r['last']} {r['answer']}" for r in res["sensitivity"])
+                   + ".")
     say.append(f"What this does not show: one budget ({args['steps']} steps at {args['imsize']}px, conv_dim "
                f"{args['conv_dim']}) and {len(args['seeds'])} seeds; the built-in faces, not real ones; and removing "
                f"or swapping inside a layer also changes the input of every later layer.")

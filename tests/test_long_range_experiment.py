@@ -234,6 +234,19 @@ def test_experiment_runs_end_to_end_resumes_and_writes_tables_json_and_figures(t
     net = res["comparisons"][NET]
     assert net["values"] == pytest.approx(list((e["gd"] - e["gd_norule"]) - (e["none"] - e["none_norule"])))
     assert res["headline"]["verdict"] == headline(res["comparisons"])[0]
+    # the endpoint's sensitivity: --last 1 is each run's last score alone, --last 2 the experiment's own
+    assert [r["last"] for r in res["sensitivity"]] == [1, 2]
+    last = {arm: np.array([a["series"][s][-1]["points"] for s in ("0", "1")]) for arm, a in res["arms"].items()}
+    assert res["sensitivity"][0]["comparisons"][NET]["values"] == pytest.approx(
+        list((last["gd"] - last["gd_norule"]) - (last["none"] - last["none_norule"])))
+    assert res["sensitivity"][0]["comparisons"][NEGATIVE_NONE]["values"] == pytest.approx(
+        list(last["none"] - last["none_norule"]))
+    assert res["sensitivity"][1]["comparisons"][NET]["values"] == pytest.approx(net["values"])
+    assert res["sensitivity"][1]["answer"] == res["headline"]["verdict"]
+    at = rows.index("| last k | net | gd - gd_norule | none - none_norule | answer |")
+    assert rows[at + 1].startswith("| 1 | ") and rows[at + 2].startswith("| 2 | ")
+    assert rows[at + 2].endswith(f"| {res['headline']['verdict']} |")
+    assert "k = 1 " in res["summary"][-2] and "k = 2 " in res["summary"][-2]
     assert res["arms"]["gd"]["endpoint_steps"] == [1, 2]
     assert len(res["arms"]["gd"]["endpoint"]["values"]) == 2
     assert res["summary"] == [line for line in text.splitlines() if line in res["summary"]]
