@@ -493,8 +493,8 @@ def compare(args, e):
 
 def sensitivity(args, scored):
     """How the answer depends on the endpoint: the headline's comparisons and answer as `--last k`
-    would compute them, for k = 1..WINDOWS (while every run has k checkpoints). Scores swing by up to
-    20 points between checkpoints, so an answer that holds only at one k is fragile."""
+    would compute them, for k = 1..WINDOWS (while every run has k checkpoints). A run's score can move
+    by tens of points from one checkpoint to the next, so an answer that holds at one k only is fragile."""
     if not all(a in args.arms for a in NET_ARMS):
         return []
     rows = []
