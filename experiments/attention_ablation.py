@@ -295,13 +295,20 @@ def checkpoint_score(args, arm, seed, step, layout):
     return score
 
 
+def on_grid(args, step):
+    """Whether a checkpoint is on the --model_save_step grid (or the last step). A stopped run also
+    saves where it stopped (step 6700, say): such a checkpoint is scored and drawn, but kept out of
+    endpoints, so that a window of k checkpoints spans the same steps in every run."""
+    return step % args.model_save_step == 0 or step == args.steps
+
+
 def endpoint_steps(args, arm, seed):
-    """The saved steps up to --steps, and the last --last of them (the endpoint's)."""
+    """The saved steps up to --steps, and the last --last of them on the grid (the endpoint's)."""
     steps = [s for s in saved_steps(run_dir(args, arm, seed)) if s <= args.steps]
     if args.steps not in steps:
         raise UserError(f"{run_dir(args, arm, seed)} has no checkpoint at step {args.steps}: train it first "
                         f"(drop --score_only)")
-    return steps, steps[-args.last:]
+    return steps, [s for s in steps if on_grid(args, s)][-args.last:]
 
 
 def score_run(args, arm, seed, layout):
@@ -483,11 +490,11 @@ def compare(args, e):
     for name, arm, base in COMPARISONS:
         if arm in args.arms and base in args.arms:
             verdict, interval = decide([e(arm, s) - e(base, s) for s in args.seeds])
-            out[name] = dict(arms=f"{arm} - {base}", verdict=verdict, **interval)
+            out[name] = dict(arms=f"{arm} - {base}", verdict=verdict, reads=reads(name, verdict), **interval)
     if all(a in args.arms for a in NET_ARMS):
         diffs = [(e("gd", s) - e("gd_norule", s)) - (e("none", s) - e("none_norule", s)) for s in args.seeds]
         verdict, interval = decide(diffs)
-        out[NET] = dict(arms="(gd - gd_norule) - (none - none_norule)", verdict=verdict, **interval)
+        out[NET] = dict(arms="(gd - gd_norule) - (none - none_norule)", verdict=verdict, reads=verdict, **interval)
     return out
 
 
@@ -497,11 +504,13 @@ def sensitivity(args, scored):
     by tens of points from one checkpoint to the next, so an answer that holds at one k only is fragile."""
     if not all(a in args.arms for a in NET_ARMS):
         return []
+    grid = {(a, s): [p["points"] for p in scored[(a, s)]["series"] if on_grid(args, p["step"])]
+            for a in NET_ARMS for s in args.seeds}
     rows = []
     for k in range(1, WINDOWS + 1):
-        if any(len(scored[(a, s)]["series"]) < k for a in NET_ARMS for s in args.seeds):
+        if any(len(v) < k for v in grid.values()):
             break
-        c = compare(args, lambda arm, s: float(np.mean([p["points"] for p in scored[(arm, s)]["series"][-k:]])))
+        c = compare(args, lambda arm, s: float(np.mean(grid[(arm, s)][-k:])))
         rows.append(dict(last=k, comparisons={n: c[n] for n in (NET, NEGATIVE, NEGATIVE_NONE)},
                          answer=headline(c)[0]))
     return rows

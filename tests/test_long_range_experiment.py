@@ -14,8 +14,8 @@ import torch
 
 from attention import attention_layers, face_pixels, gamma, layers_removed, pixel_queries
 from data_loader import synthetic_face
-from experiments.attention_ablation import (COMPARISONS, NEGATIVE, NEGATIVE_NONE, NET, POSITIVE, decide, headline,
-                                           t_quantile)
+from experiments.attention_ablation import (COMPARISONS, NEGATIVE, NEGATIVE_NONE, NET, POSITIVE, build_parser,
+                                           check_args, decide, endpoint_steps, headline, sensitivity, t_quantile)
 from experiments.eye_metrics import SCLERA_HALF, eye_agreement, eye_cells, eye_layout, region_masks, region_ratio
 from experiments.uncertainty import bootstrap, difference, interval, summarise
 from sagan_models import Generator, default_attn
@@ -202,6 +202,32 @@ def test_the_answer_is_the_net_difference_and_its_winner_must_have_learned_the_r
         verdict, why = headline({main: v, pos: yes, NEGATIVE: yes, NEGATIVE_NONE: yes})
         assert verdict == "cannot tell" and "none_norule" in why
     assert headline({})[0] == "cannot tell"
+
+
+def test_a_stopped_runs_extra_checkpoint_stays_out_of_endpoints_and_windows(tmp_path):
+    args = check_args(build_parser().parse_args(["--steps", "10000", "--out", str(tmp_path), "--seeds", "0,1",
+                                                 "--last", "3"]))
+    run = tmp_path / "models" / "gd_seed0"
+    run.mkdir(parents=True)
+    for step in (1000, 2000, 6000, 6700, 7000, 8000, 9000, 10000):  # stopped at 6700, resumed
+        (run / f"ckpt_{step:07d}.pt").write_bytes(b"")
+    steps, last = endpoint_steps(args, "gd", 0)
+    assert 6700 in steps and last == [8000, 9000, 10000]
+    args.last = 4
+    assert endpoint_steps(args, "gd", 0)[1] == [7000, 8000, 9000, 10000]  # not 6700
+
+    # the windows: every run's last k grid checkpoints; run gd seed 0's 6700 would shift its k = 4 window
+    def series(points, extra=None):
+        out = [dict(step=1000 * (i + 1), points=float(v)) for i, v in enumerate(points)]
+        return sorted(out + ([dict(step=6700, points=extra)] if extra is not None else []), key=lambda p: p["step"])
+    base = [0.0] * 6 + [1.0, 2.0, 3.0, 4.0]   # steps 1000..10000
+    scored = {(a, s): dict(series=series(base)) for a in ("gd", "gd_norule", "none", "none_norule") for s in (0, 1)}
+    scored[("gd", 0)] = dict(series=series([v + 10 for v in base], extra=-100.0))
+    rows = sensitivity(args, scored)
+    assert [r["last"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r in rows:  # gd seed 0 is +10 over every other run at every grid step, whatever the window
+        assert r["comparisons"][NET]["values"] == pytest.approx([10.0, 0.0])
+        assert r["comparisons"][NEGATIVE]["values"] == pytest.approx([10.0, 0.0])
 
 
 def test_experiment_runs_end_to_end_resumes_and_writes_tables_json_and_figures(tmp_path):
