@@ -79,8 +79,9 @@ at the mouth, with trained and with randomised query/key weights).
 Budget (64px, conv_dim 16, batch 32, 10,000 steps, 3 seeds, 2 jobs of 1 thread; the defaults), in
 bf16 on the project's 2-core AMD EPYC (AVX512-BF16, no AMX), idle: gd and gd_norule 3.7-3.9 it/s,
 none and none_norule 10.7-11.3 it/s, so about 46 + 46 + 15 + 15 run-minutes per seed, about 3.1 h
-for the four default arms, plus about 15-20 min of scoring (docs/experiments.md). Without a working
-positive control a null cannot be read (the headline says "cannot tell").
+for the four default arms on an idle machine; checkpoints are scored as they land (what the runs
+took: docs/experiments.md). Without a working positive control a null cannot be read (the headline
+says "cannot tell").
 """
 import json
 import math
@@ -494,7 +495,8 @@ def compare(args, e):
     if all(a in args.arms for a in NET_ARMS):
         diffs = [(e("gd", s) - e("gd_norule", s)) - (e("none", s) - e("none_norule", s)) for s in args.seeds]
         verdict, interval = decide(diffs)
-        out[NET] = dict(arms="(gd - gd_norule) - (none - none_norule)", verdict=verdict, reads=verdict, **interval)
+        out[NET] = dict(arms="(gd - gd_norule) - (none - none_norule)", verdict=verdict,
+                        reads=reads(NET, verdict), **interval)
     return out
 
 
@@ -556,16 +558,16 @@ def tables(res):
             f"{span(a['drawing']['diversity'], '{:.2f}')} |" for arm, a in arms.items()]
     out += ["", f"Seed-matched differences of endpoints (points), verdict at a margin of +-{MARGIN:g} points:", "",
             "| comparison | arms | difference | verdict |", "|---|---|---|---|"]
-    out += [f"| {name} | {c['arms']} | {span(c)} | {reads(name, c['verdict'])} |"
+    out += [f"| {name} | {c['arms']} | {span(c)} | {c['reads']} |"
             for name, c in res["comparisons"].items()]
     h = res["headline"]
     out += ["", f"Answer: {h['verdict']}" + (f" ({h['why']})" if h["why"] else "") + "."]
     if res["sensitivity"]:
         out += ["", f"How the answer depends on the endpoint (the experiment's: the last {args['last']} "
                     f"checkpoints): the same comparisons with a run's endpoint its mean over its last k "
-                    f"checkpoints (`--last k`).", "",
+                    f"checkpoints on the --model_save_step grid (`--last k`).", "",
                 "| last k | net | gd - gd_norule | none - none_norule | answer |", "|---|---|---|---|---|"]
-        out += [f"| {r['last']} | " + " | ".join(f"{span(r['comparisons'][n])}: {reads(n, r['comparisons'][n]['verdict'])}"
+        out += [f"| {r['last']} | " + " | ".join(f"{span(r['comparisons'][n])}: {r['comparisons'][n]['reads']}"
                                                for n in (NET, NEGATIVE, NEGATIVE_NONE)) + f" | {r['answer']} |"
                 for r in res["sensitivity"]]
 
@@ -619,7 +621,7 @@ def summary(res):
         ci = ("no interval with one seed" if c["ci"] is None
               else f"95% t interval [{c['ci'][0]:+.1f}, {c['ci'][1]:+.1f}]")
         say.append(f"{name} ({c['arms']}): {c['mean']:+.1f} points, {ci} over {c['n']} "
-                   f"seed{'s' if c['n'] > 1 else ''}: {reads(name, c['verdict'])}.")
+                   f"seed{'s' if c['n'] > 1 else ''}: {c['reads']}.")
     h = res["headline"]
     say.append(f"Answer to 'does attention help carry the eye-colour rule?': {h['verdict']}"
                + (f", because {h['why']}" if h["why"] else "") + ".")
